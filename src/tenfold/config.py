@@ -1,0 +1,252 @@
+"""One typed settings object: `TENFOLD_*` environment variables or `tenfold.toml`.
+
+Every backend is chosen by URL scheme. Precedence, highest first: arguments to
+`load_settings`, environment variables, the TOML file (`TENFOLD_CONFIG` or
+`./tenfold.toml`), defaults. The defaults are the embedded mode: four SQLite
+shards and a SQLite catalog under `./data`.
+
+Shards are given either as a template and a count::
+
+    TENFOLD_SHARD_URL=postgresql://127.0.0.1/app_{n}   TENFOLD_SHARD_COUNT=8
+
+or as an explicit list (TOML, or JSON in `TENFOLD_SHARDS`)::
+
+    [[shards]]
+    name = "eu1"
+    url = "postgresql://db-eu1/app"
+    replicas = ["postgresql://db-eu1-r1/app"]
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from tenfold.errors import ConfigError
+from tenfold.keyspace import SLOTS
+
+__all__ = ["DATA_SCHEMES", "Settings", "ShardSpec", "load_settings", "redact_url"]
+
+DATA_SCHEMES = ("sqlite", "postgresql")
+_SCHEME_ALIASES = {"postgres": "postgresql"}
+_SHARD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "tenfold_config_file", default=None
+)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***`, safe to print and log."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_data_url(setting: str, url: str) -> str:
+    """Validate a shard or catalog URL and normalise `postgres://` to `postgresql://`."""
+    accepted = ", ".join(f"{s}://" for s in DATA_SCHEMES)
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(setting, f"{url!r} is not a URL; accepted schemes: {accepted}")
+    scheme, rest = url.split("://", 1)
+    scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())
+    if scheme not in DATA_SCHEMES:
+        raise ConfigError(
+            setting,
+            f"unknown scheme {scheme + '://'!r} in {redact_url(url)!r}; accepted: {accepted}",
+        )
+    if scheme == "sqlite" and (not rest.startswith("/") or rest in ("/", "/:memory:")):
+        raise ConfigError(
+            setting,
+            f"{url!r} names no database file; write sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db",
+        )
+    if scheme == "postgresql":
+        try:
+            port = urlsplit(url).port
+        except ValueError as exc:
+            raise ConfigError(setting, f"malformed URL {redact_url(url)!r}: {exc}") from None
+        del port
+    return f"{scheme}://{rest}"
+
+
+class ShardSpec(BaseModel):
+    """One shard: a name, its primary URL and optional read-replica URLs."""
+
+    name: str
+    url: str
+    replicas: list[str] = []
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _SHARD_NAME.match(v):
+            raise ConfigError(
+                "TENFOLD_SHARDS",
+                f"shard name {v!r} must be lowercase letters, digits or _, starting with a letter",
+            )
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_data_url("TENFOLD_SHARDS", v)
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, v: list[str]) -> list[str]:
+        return [check_data_url("TENFOLD_SHARDS (replicas)", u) for u in v]
+
+
+class Settings(BaseSettings):
+    """All of tenfold's settings. Units are in the names; every value is checked at load."""
+
+    model_config = SettingsConfigDict(env_prefix="TENFOLD_", extra="forbid")
+
+    catalog_url: str = "sqlite:///data/catalog.db"
+    shard_url: str = "sqlite:///data/shard{n}.db"
+    shard_count: int = 4
+    shard_replica_urls: list[str] = []
+    shards: list[ShardSpec] = []
+
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    pool_acquire_timeout_s: float = 10.0
+    connect_timeout_s: float = 3.0
+    query_timeout_s: float = 30.0
+    scatter_timeout_s: float = 10.0
+    statement_cache_size: int = 512
+    topology_ttl_s: float = 5.0
+    replica_retry_s: float = 5.0
+    id_worker_lease_s: float = 60.0
+    migrations_dir: Path | None = None
+
+    @field_validator("catalog_url")
+    @classmethod
+    def _catalog(cls, v: str) -> str:
+        return check_data_url("TENFOLD_CATALOG_URL", v)
+
+    @field_validator("shard_url")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return check_data_url("TENFOLD_SHARD_URL", v)
+
+    @field_validator("shard_replica_urls")
+    @classmethod
+    def _replica_templates(cls, v: list[str]) -> list[str]:
+        return [check_data_url("TENFOLD_SHARD_REPLICA_URLS", u) for u in v]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if not 1 <= self.shard_count <= SLOTS:
+            raise ConfigError(
+                "TENFOLD_SHARD_COUNT", f"must be between 1 and {SLOTS}, got {self.shard_count}"
+            )
+        if not self.shards and self.shard_count > 1 and "{n}" not in self.shard_url:
+            raise ConfigError(
+                "TENFOLD_SHARD_URL",
+                f"has no {{n}} placeholder but TENFOLD_SHARD_COUNT is {self.shard_count}: "
+                "every shard would be the same database",
+            )
+        names = [s.name for s in self.shards]
+        if len(set(names)) != len(names):
+            raise ConfigError("TENFOLD_SHARDS", f"shard names repeat: {names}")
+        if len(names) > SLOTS:
+            raise ConfigError("TENFOLD_SHARDS", f"at most {SLOTS} shards, got {len(names)}")
+        if not 1 <= self.pool_min_size <= self.pool_max_size:
+            raise ConfigError(
+                "TENFOLD_POOL_MIN_SIZE",
+                f"need 1 <= pool_min_size ({self.pool_min_size}) <= pool_max_size "
+                f"({self.pool_max_size})",
+            )
+        for name in (
+            "pool_acquire_timeout_s",
+            "connect_timeout_s",
+            "query_timeout_s",
+            "scatter_timeout_s",
+            "topology_ttl_s",
+            "replica_retry_s",
+            "id_worker_lease_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TENFOLD_{name.upper()}", f"must be > 0, got {getattr(self, name)}")
+        if self.statement_cache_size < 0:
+            raise ConfigError("TENFOLD_STATEMENT_CACHE_SIZE", "must be >= 0")
+        return self
+
+    def shard_specs(self) -> list[ShardSpec]:
+        """The shards, from the explicit list or expanded from the template."""
+        if self.shards:
+            return list(self.shards)
+        return [
+            ShardSpec(
+                name=f"s{n}",
+                url=self.shard_url.replace("{n}", str(n)),
+                replicas=[u.replace("{n}", str(n)) for u in self.shard_replica_urls],
+            )
+            for n in range(self.shard_count)
+        ]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from arguments, `TENFOLD_*` variables and the TOML file.
+
+    Raises:
+        ConfigError: naming the first setting that is wrong and why.
+    """
+    path = Path(config_file) if config_file else None
+    if path is None and os.environ.get("TENFOLD_CONFIG"):
+        path = Path(os.environ["TENFOLD_CONFIG"])
+    if path is None and Path("tenfold.toml").is_file():
+        path = Path("tenfold.toml")
+    if path is not None and not path.is_file():
+        raise ConfigError("TENFOLD_CONFIG", f"config file {str(path)!r} does not exist")
+    token = _config_file.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+        setting = "TENFOLD_" + (loc[0].upper() if loc else "?")
+        raise ConfigError(setting, f"{first['msg']} (got {first.get('input')!r:.80})") from None
+    except SettingsError as exc:  # e.g. TENFOLD_SHARDS is not valid JSON
+        raise ConfigError("TENFOLD_*", f"{exc}; complex values are JSON") from None
+    except ValueError as exc:  # malformed TOML
+        raise ConfigError("TENFOLD_CONFIG", f"cannot read {path}: {exc}") from None
+    finally:
+        _config_file.reset(token)

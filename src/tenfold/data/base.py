@@ -1,0 +1,224 @@
+"""The storage interface of the sharded data layer: a pool of connections per database.
+
+Contract every backend keeps:
+- SQL uses `$1, $2, ...` placeholders on every backend.
+- `fetch` returns records that support `r["col"]`, `r[0]` and `dict(r)`.
+- `execute` returns the number of rows the statement changed (0 for DDL).
+- `transaction()` nests: an inner block is a savepoint.
+- Every call is bounded: acquiring by `acquire_timeout_s`, connecting by
+  `connect_timeout_s`, each statement by `query_timeout_s` (or the call's
+  `timeout=`). Driver errors leave the backend only as `tenfold.errors` types:
+  `ShardUnavailable`, `ShardTimeout`, `QueryError`, `ConstraintViolation`.
+
+Backends register by URL scheme (`@register_backend("sqlite")`) and are made
+with `pool_from_url`.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from tenfold.config import redact_url
+from tenfold.errors import ConfigError, QueryError
+
+__all__ = [
+    "Connection",
+    "Pool",
+    "PoolOptions",
+    "PoolStats",
+    "Record",
+    "pool_from_url",
+    "register_backend",
+]
+
+Record = Any  # asyncpg.Record or sqlite3.Row: both index by name and position
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """Sizes and time bounds of one database's pool (see `Settings`)."""
+
+    min_size: int = 1
+    max_size: int = 10
+    acquire_timeout_s: float = 10.0
+    connect_timeout_s: float = 3.0
+    query_timeout_s: float = 30.0
+    statement_cache_size: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    size: int
+    in_use: int
+    max_size: int
+
+
+class Connection(abc.ABC):
+    """One connection to one shard database. Use it inside `async with pool.acquire()`."""
+
+    shard: str
+    # Set by the router for `shard_for(key)`: the slot of that key, used by `insert`.
+    slot: int | None = None
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> int:
+        """Run one statement; return the number of rows it changed."""
+
+    @abc.abstractmethod
+    async def executemany(
+        self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        """Run one statement once per argument tuple, in one transaction."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Record]:
+        """All rows of a query."""
+
+    async def fetchrow(self, sql: str, *args: Any, timeout: float | None = None) -> Record | None:
+        """The first row of a query, or None."""
+        rows = await self.fetch(sql, *args, timeout=timeout)
+        return rows[0] if rows else None
+
+    async def fetchval(
+        self, sql: str, *args: Any, column: int = 0, timeout: float | None = None
+    ) -> Any:
+        """One value of the first row, or None when there is no row."""
+        row = await self.fetchrow(sql, *args, timeout=timeout)
+        return None if row is None else row[column]
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """A transaction (or, nested, a savepoint): commit on success, roll back on error."""
+
+    @abc.abstractmethod
+    async def execute_script(self, sql: str) -> None:
+        """Run several `;`-separated statements without arguments (migrations)."""
+
+    async def insert(
+        self, table: str, row: Mapping[str, Any], *, returning: str | None = None
+    ) -> Any:
+        """Insert `row` into a sharded table, setting its `slot` column to this key's slot.
+
+        Returns the `returning` column's value when given, else the row count.
+        """
+        sql = insert_sql(table, ("slot", *row), returning)
+        args = (self._slot_for(table), *row.values())
+        if returning:
+            return await self.fetchval(sql, *args)
+        return await self.execute(sql, *args)
+
+    async def insert_many(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert rows (all with the same columns) into a sharded table, setting `slot`."""
+        if not rows:
+            return
+        slot = self._slot_for(table)
+        sql = insert_sql(table, ("slot", *rows[0]), None)
+        await self.executemany(sql, [(slot, *r.values()) for r in rows])
+
+    def _slot_for(self, table: str) -> int:
+        if self.slot is None:
+            raise QueryError(
+                self.shard,
+                f"insert into {table!r} needs a slot: open the connection with "
+                "db.shard_for(key), not db.shard(name)",
+            )
+        return self.slot
+
+
+class Pool(abc.ABC):
+    """A bounded set of connections to one database."""
+
+    dialect: ClassVar[str]
+
+    def __init__(self, name: str, url: str, options: PoolOptions) -> None:
+        self.name = name
+        self.url = url
+        self.safe_url = redact_url(url)
+        self.options = options
+
+    @abc.abstractmethod
+    def acquire(self) -> AbstractAsyncContextManager[Connection]:
+        """A connection, returned to the pool when the block ends."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close every connection; the pool can be opened again by the next acquire."""
+
+    @abc.abstractmethod
+    def stats(self) -> PoolStats: ...
+
+    async def ping(self) -> float:
+        """Round-trip time of `SELECT 1` in milliseconds (raises `ShardUnavailable`)."""
+        start = time.perf_counter()
+        async with self.acquire() as conn:
+            await conn.fetchval("SELECT 1", timeout=self.options.connect_timeout_s)
+        return (time.perf_counter() - start) * 1000
+
+    async def create_database(self) -> bool:
+        """Create the database if the server allows it; True if it was created."""
+        return False
+
+
+_BACKENDS: dict[str, str] = {
+    "sqlite": "tenfold.data.sqlite:SqlitePool",
+    "postgresql": "tenfold.data.postgres:PostgresPool",
+}
+_REGISTERED: dict[str, type[Pool]] = {}
+
+
+def register_backend(scheme: str) -> Callable[[type[Pool]], type[Pool]]:
+    """Class decorator: make `scheme://` URLs open this pool class."""
+
+    def deco(cls: type[Pool]) -> type[Pool]:
+        _REGISTERED[scheme] = cls
+        return cls
+
+    return deco
+
+
+def pool_from_url(name: str, url: str, options: PoolOptions | None = None) -> Pool:
+    """A pool for `url`, chosen by its scheme; backends import lazily."""
+    scheme = url.split("://", 1)[0].lower()
+    scheme = "postgresql" if scheme == "postgres" else scheme
+    if scheme not in _REGISTERED:
+        target = _BACKENDS.get(scheme)
+        if target is None:
+            known = ", ".join(sorted({*_BACKENDS, *_REGISTERED}))
+            raise ConfigError(
+                f"shard {name}", f"unknown scheme in {redact_url(url)!r}; accepted: {known}"
+            )
+        module, _, attr = target.partition(":")
+        getattr(importlib.import_module(module), attr)
+    return _REGISTERED[scheme](name, url, options or PoolOptions())
+
+
+def check_identifier(name: str) -> str:
+    """`name` if it is a plain SQL identifier; refuse anything that could inject SQL."""
+    if not _IDENT.match(name):
+        raise QueryError("-", f"{name!r} is not a plain SQL identifier (letters, digits, _)")
+    return name
+
+
+_insert_cache: dict[tuple[str, tuple[str, ...], str | None], str] = {}
+
+
+def insert_sql(table: str, columns: Sequence[str], returning: str | None) -> str:
+    cache_key = (table, tuple(columns), returning)
+    sql = _insert_cache.get(cache_key)
+    if sql is None:
+        cols = ", ".join(check_identifier(c) for c in columns)
+        marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        sql = f"INSERT INTO {check_identifier(table)} ({cols}) VALUES ({marks})"
+        if returning:
+            sql += f" RETURNING {check_identifier(returning)}"
+        if len(_insert_cache) < 4096:
+            _insert_cache[cache_key] = sql
+    return sql

@@ -1,0 +1,221 @@
+"""PostgreSQL backend: an asyncpg pool per shard database.
+
+The pool is created on first use, not at start-up, so one unreachable shard
+does not stop the process from serving keys on the others; a failed creation
+is retried by the next acquire after its own bounded connect timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tenfold.data.base import Connection, Pool, PoolStats, Record, register_backend
+from tenfold.errors import (
+    ConstraintViolation,
+    MissingDependency,
+    QueryError,
+    ShardTimeout,
+    ShardUnavailable,
+)
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependency("asyncpg", "postgres", "a postgresql:// URL") from exc
+
+__all__ = ["PostgresPool"]
+
+_UNREACHABLE = (OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError)
+
+
+class PostgresConnection(Connection):
+    __slots__ = ("_pool", "_raw", "shard", "slot")
+
+    def __init__(self, pool: PostgresPool, raw: Any) -> None:
+        self.shard = pool.name
+        self._pool = pool
+        self._raw = raw
+        self.slot = None
+
+    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> int:
+        try:
+            status: str = await self._raw.execute(sql, *args, timeout=timeout)
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, timeout) from exc
+        # "INSERT 0 3", "UPDATE 2", "CREATE TABLE": the count is the last word, if any.
+        tail = status.rpartition(" ")[2]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(
+        self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        try:
+            await self._raw.executemany(sql, args, timeout=timeout)
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, timeout) from exc
+
+    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Record]:
+        try:
+            rows: list[Record] = await self._raw.fetch(sql, *args, timeout=timeout)
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, timeout) from exc
+        return rows
+
+    async def fetchrow(self, sql: str, *args: Any, timeout: float | None = None) -> Record | None:
+        try:
+            return await self._raw.fetchrow(sql, *args, timeout=timeout)
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, timeout) from exc
+
+    async def fetchval(
+        self, sql: str, *args: Any, column: int = 0, timeout: float | None = None
+    ) -> Any:
+        try:
+            return await self._raw.fetchval(sql, *args, column=column, timeout=timeout)
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, timeout) from exc
+
+    async def execute_script(self, sql: str) -> None:
+        await self.execute(sql)
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        return self._transaction()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        tx = self._raw.transaction()
+        try:
+            await tx.start()
+        except Exception as exc:
+            raise _map_error(self._pool, exc, "BEGIN", None) from exc
+        try:
+            yield
+        except BaseException:
+            try:
+                await tx.rollback()
+            except Exception as exc:
+                raise _map_error(self._pool, exc, "ROLLBACK", None) from exc
+            raise
+        try:
+            await tx.commit()
+        except Exception as exc:
+            raise _map_error(self._pool, exc, "COMMIT", None) from exc
+
+
+def _map_error(pool: PostgresPool, exc: BaseException, sql: str, timeout: float | None) -> Exception:
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return ConstraintViolation(pool.name, str(exc), sql=sql)
+    if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+        return ShardTimeout(pool.name, timeout or pool.options.query_timeout_s)
+    if isinstance(exc, _UNREACHABLE | asyncpg.InterfaceError):
+        return ShardUnavailable(pool.name, pool.safe_url, f"connection lost: {exc}")
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.exceptions.DataError | TypeError | ValueError):
+        return QueryError(pool.name, f"{type(exc).__name__}: {exc}", sql=sql)
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+@register_backend("postgresql")
+class PostgresPool(Pool):
+    """An asyncpg pool to one database, created lazily."""
+
+    dialect = "postgresql"
+
+    def __init__(self, name: str, url: str, options: Any) -> None:
+        super().__init__(name, url, options)
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+        self._in_use = 0
+
+    async def _get_pool(self) -> Any:
+        if self._pool is not None:
+            return self._pool
+        async with self._lock:
+            if self._pool is None:
+                self._pool = await self._create()
+        return self._pool
+
+    async def _create(self) -> Any:
+        opts = self.options
+        try:
+            async with asyncio.timeout(opts.connect_timeout_s * 2):
+                return await asyncpg.create_pool(
+                    self.url,
+                    min_size=opts.min_size,
+                    max_size=opts.max_size,
+                    timeout=opts.connect_timeout_s,
+                    command_timeout=opts.query_timeout_s,
+                    statement_cache_size=opts.statement_cache_size,
+                )
+        except TimeoutError:
+            reason = f"no connection within {opts.connect_timeout_s:g} s"
+        except asyncpg.InvalidCatalogNameError:
+            reason = "the database does not exist; `tenfold db migrate` creates it"
+        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+            reason = str(exc) or type(exc).__name__
+        raise ShardUnavailable(self.name, self.safe_url, reason)
+
+    def acquire(self) -> AbstractAsyncContextManager[Connection]:
+        return self._acquire()
+
+    @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Connection]:
+        pool = await self._get_pool()
+        opts = self.options
+        try:
+            raw = await pool.acquire(timeout=opts.acquire_timeout_s)
+        except TimeoutError:
+            if pool.get_size() < opts.max_size:
+                raise ShardUnavailable(
+                    self.name, self.safe_url, f"no connection within {opts.connect_timeout_s:g} s"
+                ) from None
+            raise ShardTimeout(
+                self.name, opts.acquire_timeout_s, f"acquiring one of {opts.max_size} connections"
+            ) from None
+        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+            raise ShardUnavailable(self.name, self.safe_url, str(exc)) from exc
+        self._in_use += 1
+        try:
+            yield PostgresConnection(self, raw)
+        finally:
+            self._in_use -= 1
+            await pool.release(raw)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self.options.connect_timeout_s)
+            except TimeoutError:
+                pool.terminate()
+
+    def stats(self) -> PoolStats:
+        size = self._pool.get_size() if self._pool is not None else 0
+        return PoolStats(size=size, in_use=self._in_use, max_size=self.options.max_size)
+
+    async def create_database(self) -> bool:
+        """Create this pool's database through the server's `postgres` database."""
+        parts = urlsplit(self.url)
+        dbname = parts.path.lstrip("/")
+        if not dbname:
+            return False
+        admin = urlunsplit(parts._replace(path="/postgres"))
+        try:
+            conn = await asyncpg.connect(admin, timeout=self.options.connect_timeout_s)
+        except (TimeoutError, *_UNREACHABLE, asyncpg.PostgresError) as exc:
+            raise ShardUnavailable(self.name, self.safe_url, f"cannot reach server: {exc}") from exc
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", dbname)
+            if exists:
+                return False
+            quoted = '"' + dbname.replace('"', '""') + '"'
+            try:
+                await conn.execute(f"CREATE DATABASE {quoted}")
+            except asyncpg.DuplicateDatabaseError:
+                return False
+            return True
+        finally:
+            await conn.close()

@@ -1,0 +1,377 @@
+"""`ShardedDatabase`: route each key to the shard that owns its slot.
+
+    key ─slot_of─▶ slot ─topology (cached, epoch-checked)─▶ shard ─pool─▶ connection
+
+Invariants:
+- A request uses the topology that was current in the catalog at most
+  `topology_ttl_s` ago: the first request after the TTL re-reads the epoch
+  (one cheap query, single-flight) and reloads the map when it moved.
+- A shard that cannot be reached fails only the requests routed to it, after
+  its bounded connect timeout; pools are per shard and created lazily.
+- `read_for` prefers a healthy replica (round robin); a replica that failed is
+  skipped for `replica_retry_s`, and the primary serves when none is healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from tenfold.config import Settings, ShardSpec, load_settings
+from tenfold.data import migrations
+from tenfold.data.base import Connection, Pool, PoolOptions, Record, pool_from_url
+from tenfold.data.catalog import Catalog, WorkerLease
+from tenfold.data.scatter import ScatterResult, gather_shards, merge_rows
+from tenfold.errors import ConfigError, DataError, KeyspaceError, ShardUnavailable, TenfoldError
+from tenfold.ids import IdGenerator, slot_of_id
+from tenfold.keyspace import Key, Topology, slot_of
+
+__all__ = ["ShardHealth", "ShardedDatabase"]
+
+log = logging.getLogger("tenfold.data")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardHealth:
+    name: str
+    url: str
+    reachable: bool
+    rtt_ms: float | None
+    error: str | None
+
+
+class _Shard:
+    """A shard's primary pool, its replica pools and their health."""
+
+    def __init__(self, spec: ShardSpec, options: PoolOptions, retry_s: float) -> None:
+        self.name = spec.name
+        self.primary = pool_from_url(spec.name, spec.url, options)
+        self.replicas = [
+            pool_from_url(f"{spec.name}/replica{i}", url, options)
+            for i, url in enumerate(spec.replicas)
+        ]
+        self._down_until = [0.0] * len(self.replicas)
+        self._next = itertools.cycle(range(len(self.replicas))) if self.replicas else None
+        self._retry_s = retry_s
+
+    def replica_order(self, now: float) -> list[int]:
+        if self._next is None:
+            return []
+        start = next(self._next)
+        order = [(start + i) % len(self.replicas) for i in range(len(self.replicas))]
+        return [i for i in order if self._down_until[i] <= now]
+
+    def mark_down(self, index: int, now: float) -> None:
+        self._down_until[index] = now + self._retry_s
+
+    async def close(self) -> None:
+        for pool in (self.primary, *self.replicas):
+            await pool.close()
+
+
+class _Lease:
+    """`async with` a connection from a pool, tagged with the key's slot."""
+
+    __slots__ = ("_ctx", "_db", "_pick", "_slot")
+
+    def __init__(self, db: ShardedDatabase, slot: int | None, pick: Callable[[], Any]) -> None:
+        self._db = db
+        self._slot = slot
+        self._pick = pick
+        self._ctx: Any = None
+
+    async def __aenter__(self) -> Connection:
+        db = self._db
+        if db._clock() >= db._topology_deadline:
+            await db.refresh_topology()
+        self._ctx, conn = await self._pick()
+        conn.slot = self._slot
+        return conn
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        result: bool | None = await self._ctx.__aexit__(et, e, tb)
+        return result
+
+
+class ShardedDatabase:
+    """Shards, the catalog and the topology, behind one routing API.
+
+    Use it as `async with ShardedDatabase(settings) as db:` (or `open()`/`close()`).
+
+    Args:
+        settings: the shard and catalog URLs and pool bounds; `load_settings()` if None.
+        clock: monotonic seconds, for the topology TTL; injected by tests.
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings or load_settings()
+        self._clock = clock
+        s = self.settings
+        self.options = PoolOptions(
+            min_size=s.pool_min_size,
+            max_size=s.pool_max_size,
+            acquire_timeout_s=s.pool_acquire_timeout_s,
+            connect_timeout_s=s.connect_timeout_s,
+            query_timeout_s=s.query_timeout_s,
+            statement_cache_size=s.statement_cache_size,
+        )
+        self._shards = {
+            spec.name: _Shard(spec, self.options, s.replica_retry_s) for spec in s.shard_specs()
+        }
+        self.catalog = Catalog(pool_from_url("catalog", s.catalog_url, self.options))
+        self._topology: Topology | None = None
+        self._topology_deadline = float("inf")
+        self._refreshing: asyncio.Future[bool] | None = None
+        self._lease: WorkerLease | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._ids: IdGenerator | None = None
+
+    # -- life cycle -------------------------------------------------------
+
+    async def open(self, *, ids: bool = True) -> ShardedDatabase:
+        """Prepare the catalog, load (or create) the topology, lease an id worker.
+
+        The first open of an empty catalog stores a balanced topology over the
+        configured shards at epoch 1. Shards themselves are not contacted.
+        """
+        await migrations.apply(
+            self.catalog.pool, migrations.discover(migrations.BUILTIN_DIR, "catalog", "tenfold")
+        )
+        topology = await self.catalog.load_topology()
+        if topology is None:
+            try:
+                await self.catalog.save_topology(Topology.balanced(list(self._shards)))
+            except TenfoldError:
+                pass  # another process created it first; load theirs
+            topology = await self.catalog.load_topology()
+        assert topology is not None
+        self._install(topology)
+        if ids:
+            lease_s = self.settings.id_worker_lease_s
+            self._lease = await self.catalog.lease_worker(lease_s)
+            self._ids = IdGenerator(self._lease.worker, valid_until=self._lease.valid)
+            self._renewer = asyncio.create_task(self._renew_lease(lease_s))
+        return self
+
+    async def close(self) -> None:
+        """Stop renewing the id lease, release it, and close every pool."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+        if self._lease is not None:
+            try:
+                await self.catalog.release(self._lease)
+            except DataError as exc:
+                log.warning("could not release id worker %s: %s", self._lease.worker, exc)
+            self._lease = None
+        for shard in self._shards.values():
+            await shard.close()
+        await self.catalog.pool.close()
+
+    async def __aenter__(self) -> ShardedDatabase:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- topology ---------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology:
+        if self._topology is None:
+            raise KeyspaceError("the database is not open: call `await db.open()` first")
+        return self._topology
+
+    def _install(self, topology: Topology) -> None:
+        missing = [name for name in topology.shards if name not in self._shards]
+        if missing:
+            raise ConfigError(
+                "TENFOLD_SHARDS",
+                f"the catalog's topology (epoch {topology.epoch}) routes slots to shard(s) "
+                f"{', '.join(missing)} that the settings do not define; add their URLs",
+            )
+        self._topology = topology
+        self._topology_deadline = self._clock() + self.settings.topology_ttl_s
+
+    async def refresh_topology(self) -> bool:
+        """Re-read the catalog epoch and reload the map if it moved; True if it did.
+
+        Concurrent callers share one catalog round trip. When the catalog is
+        unreachable the cached topology stays in use and the check is retried
+        after the next TTL.
+        """
+        if self._refreshing is not None:
+            return await asyncio.shield(self._refreshing)
+        self._refreshing = asyncio.get_running_loop().create_future()
+        changed = False
+        try:
+            epoch = await self.catalog.current_epoch()
+            if epoch != self.topology.epoch:
+                fresh = await self.catalog.load_topology()
+                if fresh is not None and fresh.epoch != self.topology.epoch:
+                    log.info("topology epoch %s -> %s", self.topology.epoch, fresh.epoch)
+                    self._install(fresh)
+                    changed = True
+        except DataError as exc:
+            log.warning("catalog unreachable, keeping topology epoch %s: %s",
+                        self.topology.epoch, exc)
+        finally:
+            self._topology_deadline = self._clock() + self.settings.topology_ttl_s
+            future, self._refreshing = self._refreshing, None
+            future.set_result(changed)
+        return changed
+
+    # -- routing ----------------------------------------------------------
+
+    @property
+    def shard_names(self) -> list[str]:
+        return list(self._shards)
+
+    def shard_name_for(self, key: Key) -> str:
+        """The shard that owns `key` under the cached topology."""
+        return self.topology.shard_of(key)
+
+    def shard_for(self, key: Key) -> _Lease:
+        """A primary connection on the shard that owns `key` (`async with`)."""
+        return self.shard_for_slot(slot_of(key))
+
+    def shard_for_slot(self, slot: int) -> _Lease:
+        """A primary connection on the shard that owns `slot`."""
+        pool = self._shards[self.topology.shard_of_slot(slot)].primary
+        return _Lease(self, slot, _acquirer(pool))
+
+    def shard_for_id(self, id_: int) -> _Lease:
+        """A primary connection on the shard that owns the row with this tenfold id."""
+        return self.shard_for_slot(slot_of_id(id_))
+
+    def shard(self, name: str) -> _Lease:
+        """A primary connection on the shard called `name` (no slot: `insert` refuses)."""
+        return _Lease(self, None, _acquirer(self._named(name).primary))
+
+    def read_for(self, key: Key) -> _Lease:
+        """A connection for reads of `key`: a healthy replica if any, else the primary."""
+        slot = slot_of(key)
+        shard = self._shards[self.topology.shard_of_slot(slot)]
+        return _Lease(self, slot, lambda: self._pick_replica(shard))
+
+    async def _pick_replica(self, shard: _Shard) -> tuple[Any, Connection]:
+        now = self._clock()
+        for index in shard.replica_order(now):
+            try:
+                return await _enter(shard.replicas[index])
+            except ShardUnavailable as exc:
+                log.warning("replica unavailable, skipping it for %ss: %s",
+                            self.settings.replica_retry_s, exc)
+                shard.mark_down(index, now)
+        return await _enter(shard.primary)
+
+    def _named(self, name: str) -> _Shard:
+        try:
+            return self._shards[name]
+        except KeyError:
+            raise KeyspaceError(
+                f"no shard named {name!r}; shards: {', '.join(self._shards)}"
+            ) from None
+
+    def pool(self, name: str) -> Pool:
+        """The primary pool of shard `name` (for tools and stats)."""
+        return self._named(name).primary
+
+    # -- ids ----------------------------------------------------------------
+
+    def new_id(self, key: Key) -> int:
+        """A new 64-bit, time-ordered id in `key`'s slot (see `tenfold.ids`)."""
+        if self._ids is None:
+            raise KeyspaceError("ids need a leased worker: open the database with ids=True")
+        return self._ids.next_id(key)
+
+    async def _renew_lease(self, lease_s: float) -> None:
+        while self._lease is not None:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                if not await self.catalog.renew(self._lease, lease_s):
+                    log.error("id worker %s was taken over; ids stop", self._lease.worker)
+                    return
+            except DataError as exc:
+                log.warning("id worker lease renewal failed, retrying: %s", exc)
+
+    # -- many shards ------------------------------------------------------
+
+    async def scatter(
+        self,
+        sql: str,
+        *args: Any,
+        timeout_s: float | None = None,
+        partial: bool = False,
+        order_by: str | Sequence[str] | Callable[[Record], Any] | None = None,
+        descending: bool = False,
+        limit: int | None = None,
+        shards: Sequence[str] | None = None,
+    ) -> ScatterResult:
+        """Run `sql` on every shard (or `shards`) at once and gather the rows.
+
+        Args:
+            timeout_s: bound per shard (default `scatter_timeout_s`).
+            partial: return the other shards' rows when some fail (listed in
+                `result.failed`) instead of raising `ScatterError`.
+            order_by, descending, limit: how `result.rows` is merged; push the
+                same ORDER BY / LIMIT into `sql` so each shard sends little.
+        """
+        names = list(shards) if shards is not None else self.topology.shards
+        for name in names:
+            self._named(name)
+
+        async def run(name: str) -> list[Record]:
+            async with self.shard(name) as conn:
+                return await conn.fetch(sql, *args)
+
+        by_shard, failed = await gather_shards(
+            names, run, timeout_s=timeout_s or self.settings.scatter_timeout_s, partial=partial
+        )
+        rows = merge_rows(by_shard, order_by, descending=descending, limit=limit)
+        return ScatterResult(by_shard=by_shard, failed=failed, rows=rows)
+
+    async def health(self) -> list[ShardHealth]:
+        """Ping every shard primary concurrently; never raises for a dead shard."""
+
+        async def one(name: str) -> ShardHealth:
+            pool = self._shards[name].primary
+            try:
+                rtt = await pool.ping()
+            except TenfoldError as exc:
+                return ShardHealth(name, pool.safe_url, False, None, str(exc))
+            return ShardHealth(name, pool.safe_url, True, rtt, None)
+
+        return list(await asyncio.gather(*(one(n) for n in self._shards)))
+
+    async def migrate(self, folder: Any = None, *, create: bool = True) -> dict[str, list[str]]:
+        """Apply tenfold's and the app's migrations to the catalog and every shard.
+
+        Returns the names applied per database ("catalog" and each shard).
+        """
+        from tenfold.data.schema import migrate_all
+
+        return await migrate_all(self, folder, create=create)
+
+    def all_pools(self) -> list[Pool]:
+        return [self.catalog.pool, *(s.primary for s in self._shards.values())]
+
+
+def _acquirer(pool: Pool) -> Callable[[], Any]:
+    return lambda: _enter(pool)
+
+
+async def _enter(pool: Pool) -> tuple[Any, Connection]:
+    ctx = pool.acquire()
+    conn = await ctx.__aenter__()
+    return ctx, conn

@@ -1,0 +1,251 @@
+"""SQLite backend: one database file per shard, a bounded set of threaded connections.
+
+Each connection is an `aiosqlite` connection (a thread of its own), so queries
+never block the event loop. Files run in WAL mode, so readers proceed while
+one writer commits; write transactions start with `BEGIN IMMEDIATE` to take
+the write lock up front instead of failing on a lock upgrade mid-transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from tenfold.data.base import Connection, Pool, PoolStats, Record, register_backend
+from tenfold.errors import (
+    ConstraintViolation,
+    QueryError,
+    ShardTimeout,
+    ShardUnavailable,
+)
+
+__all__ = ["SqlitePool", "to_sqlite_params"]
+
+# Strings, quoted identifiers and comments are copied as they are; only a
+# `$n` outside them becomes SQLite's numbered parameter `?n`.
+_TOKENS = re.compile(
+    r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/|\$(\d+)""", re.DOTALL
+)
+
+
+@lru_cache(maxsize=2048)
+def to_sqlite_params(sql: str) -> str:
+    """Rewrite `$1`-style placeholders to SQLite's `?1`, leaving literals alone."""
+    if "$" not in sql:
+        return sql
+    return _TOKENS.sub(lambda m: f"?{m.group(1)}" if m.group(1) else m.group(0), sql)
+
+
+def split_statements(script: str) -> list[str]:
+    """Complete statements of a script; `;` inside literals and triggers is kept."""
+    out, buf = [], ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if _has_code(buf):
+                out.append(buf.strip())
+            buf = ""
+    if _has_code(buf):
+        out.append(buf.strip())
+    return out
+
+
+def _has_code(sql: str) -> bool:
+    lines = (line.strip() for line in sql.replace(";", "").splitlines())
+    return any(line and not line.startswith("--") for line in lines)
+
+
+def _path_of(url: str) -> Path:
+    # sqlite:///rel/path.db is relative to the working directory, sqlite:////abs is absolute.
+    rest = url.split("://", 1)[1]
+    return Path(rest[1:].split("?", 1)[0])
+
+
+class SqliteConnection(Connection):
+    def __init__(self, pool: SqlitePool, raw: aiosqlite.Connection) -> None:
+        self.shard = pool.name
+        self._pool = pool
+        self._raw = raw
+        self._depth = 0
+        self.slot = None
+
+    async def _run(self, sql: str, args: Sequence[Any], timeout: float | None, fetch: bool) -> Any:
+        limit = timeout if timeout is not None else self._pool.options.query_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                if fetch:
+                    return await self._raw.execute_fetchall(to_sqlite_params(sql), args)
+                cursor = await self._raw.execute(to_sqlite_params(sql), args)
+                count = cursor.rowcount
+                await cursor.close()
+                return max(count, 0)
+        except TimeoutError:
+            await self._raw.interrupt()
+            raise ShardTimeout(self.shard, limit) from None
+        except sqlite3.Error as exc:
+            raise _map_error(self._pool, exc, sql) from exc
+
+    async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> int:
+        result: int = await self._run(sql, args, timeout, fetch=False)
+        return result
+
+    async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Record]:
+        return list(await self._run(sql, args, timeout, fetch=True))
+
+    async def executemany(
+        self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
+    ) -> None:
+        limit = timeout if timeout is not None else self._pool.options.query_timeout_s
+        try:
+            async with self.transaction(), asyncio.timeout(limit):
+                await self._raw.executemany(to_sqlite_params(sql), list(args))
+        except TimeoutError:
+            await self._raw.interrupt()
+            raise ShardTimeout(self.shard, limit) from None
+        except sqlite3.Error as exc:
+            raise _map_error(self._pool, exc, sql) from exc
+
+    async def execute_script(self, sql: str) -> None:
+        # Not sqlite3's executescript: it commits any open transaction first,
+        # which would break an all-or-nothing migration.
+        for statement in split_statements(sql):
+            await self.execute(statement)
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        return self._transaction()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        depth = self._depth
+        name = f"tenfold_sp{depth}"
+        await self._control("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth = depth
+            if depth == 0:
+                await self._control("ROLLBACK")
+            else:
+                await self._control(f"ROLLBACK TO {name}")
+                await self._control(f"RELEASE {name}")
+            raise
+        self._depth = depth
+        await self._control("COMMIT" if depth == 0 else f"RELEASE {name}")
+
+    async def _control(self, sql: str) -> None:
+        try:
+            async with asyncio.timeout(self._pool.options.query_timeout_s):
+                await self._raw.execute(sql)
+        except TimeoutError:
+            raise ShardTimeout(self.shard, self._pool.options.query_timeout_s, sql) from None
+        except sqlite3.Error as exc:
+            raise _map_error(self._pool, exc, sql) from exc
+
+
+def _map_error(pool: SqlitePool, exc: sqlite3.Error, sql: str) -> Exception:
+    text = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        return ConstraintViolation(pool.name, text, sql=sql)
+    if "database is locked" in text or "database is busy" in text:
+        return ShardTimeout(pool.name, pool.options.query_timeout_s, "waiting for the write lock")
+    if "unable to open" in text or "disk I/O error" in text:
+        return ShardUnavailable(pool.name, pool.safe_url, text)
+    return QueryError(pool.name, text, sql=sql)
+
+
+@register_backend("sqlite")
+class SqlitePool(Pool):
+    """Connections to one SQLite file, at most `max_size` open at once."""
+
+    dialect = "sqlite"
+
+    def __init__(self, name: str, url: str, options: Any) -> None:
+        super().__init__(name, url, options)
+        self.path = _path_of(url)
+        self._idle: list[aiosqlite.Connection] = []
+        self._size = 0
+        self._in_use = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    def acquire(self) -> AbstractAsyncContextManager[Connection]:
+        return self._acquire()
+
+    @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Connection]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.options.max_size)
+        try:
+            async with asyncio.timeout(self.options.acquire_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ShardTimeout(
+                self.name, self.options.acquire_timeout_s,
+                f"acquiring one of {self.options.max_size} connections",
+            ) from None
+        raw: aiosqlite.Connection | None = None
+        try:
+            raw = self._idle.pop() if self._idle else await self._open()
+            self._in_use += 1
+            conn = SqliteConnection(self, raw)
+            try:
+                yield conn
+            finally:
+                self._in_use -= 1
+                if conn._depth or raw.in_transaction:
+                    # The block left mid-transaction (cancelled): never hand that on.
+                    await raw.rollback()
+                self._idle.append(raw)
+                raw = None
+        finally:
+            if raw is not None:
+                self._size -= 1
+                await raw.close()
+            self._slots.release()
+
+    async def _open(self) -> aiosqlite.Connection:
+        opts = self.options
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            async with asyncio.timeout(opts.connect_timeout_s):
+                raw = await aiosqlite.connect(
+                    self.path,
+                    isolation_level=None,
+                    timeout=opts.query_timeout_s,
+                    cached_statements=opts.statement_cache_size,
+                )
+                raw.row_factory = sqlite3.Row
+                await raw.execute("PRAGMA journal_mode=WAL")
+                await raw.execute("PRAGMA synchronous=NORMAL")
+                await raw.execute("PRAGMA foreign_keys=ON")
+        except TimeoutError:
+            raise ShardUnavailable(
+                self.name, self.safe_url, f"no connection within {opts.connect_timeout_s:g} s"
+            ) from None
+        except (OSError, sqlite3.Error) as exc:
+            raise ShardUnavailable(self.name, self.safe_url, str(exc)) from exc
+        self._size += 1
+        return raw
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for raw in idle:
+            self._size -= 1
+            await raw.close()
+
+    def stats(self) -> PoolStats:
+        return PoolStats(size=self._size, in_use=self._in_use, max_size=self.options.max_size)
+
+    async def create_database(self) -> bool:
+        existed = self.path.exists()
+        async with self.acquire():
+            pass
+        return not existed

@@ -1,0 +1,142 @@
+"""The one exception tree of tenfold.
+
+Driver errors (asyncpg, sqlite3, ...) are mapped once, at the backend boundary,
+to the most specific error below. Every message names the thing that failed
+(setting, shard, URL without its password, slot, epoch) and what to do next.
+
+    TenfoldError
+    ├── ConfigError            a setting is missing, malformed or inconsistent
+    ├── KeyspaceError          a key, slot, id or topology is invalid
+    │   └── TopologyError      a slot unowned or owned twice, an unknown shard
+    ├── StaleEpoch             a topology write lost a race with a newer epoch
+    ├── DataError              a shard answered with an error
+    │   ├── ShardUnavailable   a shard (or replica) could not be reached in time
+    │   ├── ShardTimeout       a query ran past its timeout
+    │   ├── QueryError         the shard rejected a statement (syntax, types, ...)
+    │   │   └── ConstraintViolation  a unique, foreign-key or check constraint
+    │   ├── ScatterError       some shards of a scatter failed (partial=False)
+    │   └── MigrationError     a migration failed or was changed after applying
+    └── MissingDependency      an optional extra is not installed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConstraintViolation",
+    "DataError",
+    "KeyspaceError",
+    "MigrationError",
+    "MissingDependency",
+    "QueryError",
+    "ScatterError",
+    "ShardTimeout",
+    "ShardUnavailable",
+    "StaleEpoch",
+    "TenfoldError",
+    "TopologyError",
+]
+
+
+class TenfoldError(Exception):
+    """Base of every error tenfold raises on purpose."""
+
+
+class ConfigError(TenfoldError):
+    """A setting is missing, malformed or conflicts with another one."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        super().__init__(f"{setting}: {problem}")
+
+
+class KeyspaceError(TenfoldError, ValueError):
+    """A key, slot or id is outside what the keyspace accepts."""
+
+
+class TopologyError(KeyspaceError):
+    """A topology does not map every slot to exactly one known shard."""
+
+
+class StaleEpoch(TenfoldError):
+    """A topology change was based on an epoch that is no longer current."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        self.expected = expected
+        self.current = current
+        super().__init__(
+            f"topology epoch {expected} is stale: the catalog is at epoch {current}; "
+            "reload the topology and retry the change against the current epoch"
+        )
+
+
+class DataError(TenfoldError):
+    """A shard operation failed."""
+
+    def __init__(self, message: str, *, shard: str | None = None) -> None:
+        self.shard = shard
+        super().__init__(message)
+
+
+class ShardUnavailable(DataError):
+    """A shard or replica could not be reached within the connect timeout."""
+
+    def __init__(self, shard: str, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(
+            f"shard {shard} at {url} is unavailable: {reason}; "
+            "check that the server is up and the URL is right (keys on other shards still work)",
+            shard=shard,
+        )
+
+
+class ShardTimeout(DataError):
+    """A query on a shard did not finish within its timeout."""
+
+    def __init__(self, shard: str, timeout_s: float, what: str = "query") -> None:
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"{what} on shard {shard} did not finish within {timeout_s:g} s; "
+            "raise the timeout or look for a slow query or a lock on that shard",
+            shard=shard,
+        )
+
+
+class QueryError(DataError):
+    """The shard rejected a statement; the driver's message is kept."""
+
+    def __init__(self, shard: str, message: str, *, sql: str | None = None) -> None:
+        self.sql = sql
+        where = f" in {sql.strip()[:120]!r}" if sql else ""
+        super().__init__(f"shard {shard}: {message}{where}", shard=shard)
+
+
+class ConstraintViolation(QueryError):
+    """A unique, foreign-key, not-null or check constraint refused the write."""
+
+
+class ScatterError(DataError):
+    """One or more shards of a scatter query failed and partial results were not allowed."""
+
+    def __init__(self, failed: dict[str, BaseException]) -> None:
+        self.failed = failed
+        detail = "; ".join(f"{name}: {exc}" for name, exc in sorted(failed.items()))
+        super().__init__(
+            f"scatter failed on {len(failed)} shard(s) [{detail}]; "
+            "pass partial=True to get the other shards' rows",
+        )
+
+
+class MigrationError(DataError):
+    """A migration could not be applied, or an applied one was edited."""
+
+
+class MissingDependency(TenfoldError, ImportError):
+    """An optional dependency is needed for the URL or feature in use."""
+
+    def __init__(self, package: str, extra: str, needed_for: str) -> None:
+        super().__init__(
+            f"{needed_for} needs the '{package}' package: pip install 'tenfold[{extra}]'"
+        )
