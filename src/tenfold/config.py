@@ -48,6 +48,10 @@ _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 )
 
 
+# "user:password@" anywhere in a text (error messages echo inputs that may hold URLs).
+_USERINFO = re.compile(r"([^\s:/@'\"]*):([^\s/@'\"]+)@")
+
+
 def redact_url(url: str) -> str:
     """`url` with its password replaced by `***`, safe to print and log."""
     try:
@@ -56,18 +60,24 @@ def redact_url(url: str) -> str:
         return "<unparseable URL>"
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
+    # Rebuilt from the raw netloc, not .hostname/.port: those lowercase the host,
+    # drop IPv6 brackets, and .port raises on a malformed port.
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _hide_passwords(text: str) -> str:
+    return _USERINFO.sub(r"\1:***@", text)
 
 
 def check_data_url(setting: str, url: str) -> str:
     """Validate a shard or catalog URL and normalise `postgres://` to `postgresql://`."""
     accepted = ", ".join(f"{s}://" for s in DATA_SCHEMES)
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(setting, f"{url!r} is not a URL; accepted schemes: {accepted}")
+        raise ConfigError(
+            setting, _hide_passwords(f"{url!r} is not a URL; accepted schemes: {accepted}")
+        )
     scheme, rest = url.split("://", 1)
     scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())
     if scheme not in DATA_SCHEMES:
@@ -78,8 +88,10 @@ def check_data_url(setting: str, url: str) -> str:
     if scheme == "sqlite" and (not rest.startswith("/") or rest in ("/", "/:memory:")):
         raise ConfigError(
             setting,
-            f"{url!r} names no database file; write sqlite:///relative/path.db "
-            "or sqlite:////absolute/path.db",
+            _hide_passwords(
+                f"{url!r} names no database file; write sqlite:///relative/path.db "
+                "or sqlite:////absolute/path.db"
+            ),
         )
     if scheme == "postgresql":
         try:
@@ -190,6 +202,12 @@ class Settings(BaseSettings):
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TENFOLD_{name.upper()}", f"must be > 0, got {getattr(self, name)}")
+        if self.id_worker_lease_s < 10:
+            # Leases are treated as lapsed 2 s early and renewed every third of
+            # their length; below 10 s a slow catalog would stop id issuance.
+            raise ConfigError(
+                "TENFOLD_ID_WORKER_LEASE_S", f"must be >= 10 s, got {self.id_worker_lease_s}"
+            )
         if self.statement_cache_size < 0:
             raise ConfigError("TENFOLD_STATEMENT_CACHE_SIZE", "must be >= 0")
         return self
@@ -243,9 +261,13 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         first = exc.errors()[0]
         loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
         setting = "TENFOLD_" + (loc[0].upper() if loc else "?")
-        raise ConfigError(setting, f"{first['msg']} (got {first.get('input')!r:.80})") from None
+        # The input may be (or contain) a URL with a password: hide it before echoing.
+        got = _hide_passwords(repr(first.get("input")))
+        raise ConfigError(setting, f"{first['msg']} (got {got:.80})") from None
     except SettingsError as exc:  # e.g. TENFOLD_SHARDS is not valid JSON
-        raise ConfigError("TENFOLD_*", f"{exc}; complex values are JSON") from None
+        field = re.search(r'field "(\w+)"', str(exc))
+        setting = f"TENFOLD_{field.group(1).upper()}" if field else "TENFOLD_*"
+        raise ConfigError(setting, f"{exc}; complex values are JSON") from None
     except ValueError as exc:  # malformed TOML
         raise ConfigError("TENFOLD_CONFIG", f"cannot read {path}: {exc}") from None
     finally:

@@ -85,9 +85,10 @@ class ShardUnavailable(DataError):
     def __init__(self, shard: str, url: str, reason: str) -> None:
         self.url = url
         self.reason = reason
+        what = "the catalog" if shard == "catalog" else f"shard {shard}"
         super().__init__(
-            f"shard {shard} at {url} is unavailable: {reason}; "
-            "check that the server is up and the URL is right (keys on other shards still work)",
+            f"{what} at {url} is unavailable: {reason}; "
+            "check that the server is up and the URL is right",
             shard=shard,
         )
 

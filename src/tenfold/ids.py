@@ -10,9 +10,10 @@ Layout (Instagram's scheme, with the shard field widened to a slot)::
 - 41 bits of milliseconds last until 2093.
 
 Invariants:
-- Within one generator, ids strictly increase (the sequence is per process;
-  when 16 ids were issued for one slot in one millisecond, the next waits for
-  the next millisecond; a clock that steps back is waited out, never reused).
+- Within one generator, the ids of one slot strictly increase (the sequence is
+  per slot; when 16 ids were issued for one slot in one millisecond, the next
+  waits for the next millisecond; a clock that steps back is waited out, never
+  reused). Ids of different slots order by millisecond only.
 - Two generators never issue the same id as long as they hold different
   worker numbers. Worker numbers are leased from the catalog once at start-up
   (`tenfold.data.catalog.Catalog.lease_worker`), not per id: 63 bits cannot

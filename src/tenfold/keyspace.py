@@ -43,10 +43,13 @@ def canonical_bytes(key: Key) -> bytes:
     """
     kind = type(key)
     if kind is str:
-        return b"s" + key.encode()  # type: ignore[union-attr]
+        # surrogatepass: a lone surrogate still has one stable encoding.
+        return b"s" + key.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
     if kind is int:
         n: int = key  # type: ignore[assignment]
-        return b"i" + n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True)
+        # ~n for negatives: -128 needs 1 byte (0x80), not 2 as n.bit_length() suggests.
+        size = ((~n if n < 0 else n).bit_length() + 8) // 8
+        return b"i" + n.to_bytes(size, "big", signed=True)
     if kind is bytes:
         return b"b" + key  # type: ignore[operator]
     if isinstance(key, uuid.UUID):
@@ -58,7 +61,7 @@ def canonical_bytes(key: Key) -> bytes:
             f"shard key must be str, int, bytes or UUID, got {kind.__name__} ({key!r})"
         )
     if isinstance(key, str):
-        return b"s" + str.encode(key)
+        return b"s" + str.encode(key, "utf-8", "surrogatepass")
     if isinstance(key, int):
         return canonical_bytes(int(key))
     if isinstance(key, bytes | bytearray | memoryview):
@@ -70,7 +73,10 @@ def slot_of(key: Key) -> int:
     """The slot (0..4095) that owns `key`: xxh3_64 of its canonical bytes mod 4096."""
     # The str fast path skips a function call: it is the common key type.
     if type(key) is str:
-        return _hash(b"s" + key.encode()) % SLOTS  # type: ignore[union-attr]
+        try:
+            return _hash(b"s" + key.encode()) % SLOTS  # type: ignore[union-attr]
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: the general path encodes it with surrogatepass
     return _hash(canonical_bytes(key)) % SLOTS
 
 
@@ -191,7 +197,8 @@ class Topology:
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, TopologyError):
                 raise
-            raise TopologyError(f"malformed stored topology ({exc}): {dict(data)!r:.200}") from exc
+            # repr(data), not dict(data): garbage that is not a mapping must not raise again here.
+            raise TopologyError(f"malformed stored topology ({exc}): {data!r:.200}") from exc
 
 
 def _ranges_from_owners(owner: Sequence[str]) -> tuple[SlotRange, ...]:

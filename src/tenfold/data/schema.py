@@ -8,6 +8,7 @@ table on a shard has a `slot` column and an index whose first column is
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,13 +50,18 @@ def _targets(db: ShardedDatabase, folder: Path | None) -> list[tuple[Pool, list[
 
 
 async def migrate_all(
-    db: ShardedDatabase, folder: Path | None = None, *, create: bool = True
+    db: ShardedDatabase,
+    folder: Path | None = None,
+    *,
+    create: bool = True,
+    on_done: Callable[[str], None] | None = None,
 ) -> dict[str, list[str]]:
     """Apply pending migrations to the catalog and every shard, concurrently.
 
     Args:
         create: create missing databases first (Postgres `CREATE DATABASE`,
             SQLite files).
+        on_done: called with each database's name as it finishes (progress bars).
     Raises:
         MigrationError or ShardUnavailable for the first database that fails;
         the others still finish what they were doing.
@@ -64,7 +70,10 @@ async def migrate_all(
     async def one(pool: Pool, plan: list[migrations.Migration]) -> list[str]:
         if create:
             await pool.create_database()
-        return await migrations.apply(pool, plan)
+        applied = await migrations.apply(pool, plan)
+        if on_done is not None:
+            on_done(pool.name)
+        return applied
 
     targets = _targets(db, folder)
     results = await asyncio.gather(*(one(p, plan) for p, plan in targets), return_exceptions=True)

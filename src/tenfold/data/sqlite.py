@@ -175,12 +175,14 @@ class SqlitePool(Pool):
         self._size = 0
         self._in_use = 0
         self._slots: asyncio.Semaphore | None = None
+        self._closed = False
 
     def acquire(self) -> AbstractAsyncContextManager[Connection]:
         return self._acquire()
 
     @asynccontextmanager
     async def _acquire(self) -> AsyncIterator[Connection]:
+        self._closed = False
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.options.max_size)
         try:
@@ -203,8 +205,9 @@ class SqlitePool(Pool):
                 if conn._depth or raw.in_transaction:
                     # The block left mid-transaction (cancelled): never hand that on.
                     await raw.rollback()
-                self._idle.append(raw)
-                raw = None
+                if not self._closed:
+                    self._idle.append(raw)
+                    raw = None
         finally:
             if raw is not None:
                 self._size -= 1
@@ -236,6 +239,9 @@ class SqlitePool(Pool):
         return raw
 
     async def close(self) -> None:
+        # Connections in use when the pool closes are closed on release: an
+        # unclosed aiosqlite connection keeps its thread, and the process, alive.
+        self._closed = True
         idle, self._idle = self._idle, []
         for raw in idle:
             self._size -= 1
