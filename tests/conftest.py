@@ -37,6 +37,37 @@ def _postgres() -> services.Service:
     return _SERVICES["postgres"]
 
 
+def _nats() -> services.Service:
+    if "nats" not in _SERVICES:
+        _SERVICES["nats"], _NATS["server"] = services.find_nats()
+    return _SERVICES["nats"]
+
+
+_NATS: dict[str, services.NatsServer | None] = {}
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """URL of a session NATS with JetStream (the pinned wheel's server, sync_interval always)."""
+    svc = _nats()
+    if svc.url is None:
+        pytest.skip(f"nats unavailable: {svc.problem}")
+    return svc.url
+
+
+@pytest.fixture
+def nats_server() -> Iterator[services.NatsServer]:
+    """A private NATS server for tests that kill and restart it."""
+    server = services.NatsServer()
+    try:
+        server.start()
+    except (RuntimeError, OSError) as exc:
+        server.stop()
+        pytest.skip(f"cannot start nats-server: {exc}")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> str:
     """Admin URL of a reachable PostgreSQL (started by the harness if needed)."""
@@ -49,6 +80,9 @@ def pg_admin_url() -> str:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for svc in _SERVICES.values():
         svc.stop()
+    server = _NATS.get("server")
+    if server is not None:
+        server.stop()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

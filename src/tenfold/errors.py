@@ -16,6 +16,10 @@ to the most specific error below. Every message names the thing that failed
     │   │   └── ConstraintViolation  a unique, foreign-key or check constraint
     │   ├── ScatterError       some shards of a scatter failed (partial=False)
     │   └── MigrationError     a migration failed or was changed after applying
+    ├── EventError             the event log refused or failed an operation
+    │   ├── TopicError         an invalid or unknown topic, group or dead letter
+    │   ├── PayloadError       a payload that cannot be serialised or is too large
+    │   └── BrokerUnavailable  the stream broker could not be reached in time
     └── MissingDependency      an optional extra is not installed
 """
 
@@ -24,16 +28,20 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "ConstraintViolation",
+    "BrokerUnavailable",
     "DataError",
+    "EventError",
     "KeyspaceError",
     "MigrationError",
     "MissingDependency",
+    "PayloadError",
     "QueryError",
     "ScatterError",
     "ShardTimeout",
     "ShardUnavailable",
     "StaleEpoch",
     "TenfoldError",
+    "TopicError",
     "TopologyError",
 ]
 
@@ -140,4 +148,31 @@ class MissingDependency(TenfoldError, ImportError):
     def __init__(self, package: str, extra: str, needed_for: str) -> None:
         super().__init__(
             f"{needed_for} needs the '{package}' package: pip install 'tenfold[{extra}]'"
+        )
+
+
+class EventError(TenfoldError):
+    """The event log refused or failed an operation."""
+
+
+class TopicError(EventError, ValueError):
+    """An invalid or unknown topic, consumer group or dead letter."""
+
+
+class PayloadError(EventError, ValueError):
+    """An event payload that cannot be serialised or exceeds the topic's limit."""
+
+    def __init__(self, topic: str, problem: str) -> None:
+        self.topic = topic
+        super().__init__(f"event for topic {topic}: {problem}; nothing was written")
+
+
+class BrokerUnavailable(EventError):
+    """The stream broker could not be reached, or did not acknowledge, in time."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        super().__init__(
+            f"event broker at {url} is unavailable: {reason}; emits still commit to the "
+            "outbox and the relay publishes them when the broker is back"
         )

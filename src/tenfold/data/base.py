@@ -98,6 +98,11 @@ class Connection(abc.ABC):
     def transaction(self) -> AbstractAsyncContextManager[None]:
         """A transaction (or, nested, a savepoint): commit on success, roll back on error."""
 
+    @property
+    @abc.abstractmethod
+    def in_transaction(self) -> bool:
+        """True inside `transaction()`: what an outbox emit needs to be atomic."""
+
     @abc.abstractmethod
     async def execute_script(self, sql: str) -> None:
         """Run several `;`-separated statements without arguments (migrations)."""

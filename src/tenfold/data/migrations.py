@@ -25,9 +25,14 @@ from pathlib import Path
 from tenfold.data.base import Pool
 from tenfold.errors import DataError, MigrationError
 
-__all__ = ["BUILTIN_DIR", "Migration", "MigrationState", "apply", "discover", "state"]
+__all__ = ["BUILTIN", "BUILTIN_DIR", "Migration", "MigrationState", "apply", "discover", "state"]
 
 BUILTIN_DIR = Path(__file__).parent / "migrations"
+# tenfold's own schema, per capability, applied before the app's: (folder, name prefix).
+BUILTIN = (
+    (BUILTIN_DIR, "tenfold"),
+    (Path(__file__).parent.parent / "events" / "migrations", "tenfold.events"),
+)
 _DIALECTS = ("sqlite", "postgresql")
 _TABLE = """CREATE TABLE IF NOT EXISTS tenfold_migrations (
     name       TEXT PRIMARY KEY,
@@ -71,6 +76,11 @@ def discover(folder: Path, target: str, prefix: str) -> list[Migration]:
             name, dialect = stem, ""
         found.setdefault(f"{prefix}/{name}", {})[dialect or None] = path.read_text()
     return [Migration(name, sql) for name, sql in sorted(found.items())]
+
+
+def builtin(target: str) -> list[Migration]:
+    """tenfold's own migrations for `target` (catalog or shard), capability by capability."""
+    return [m for folder, prefix in BUILTIN for m in discover(folder, target, prefix)]
 
 
 async def state(pool: Pool, migrations: list[Migration]) -> list[MigrationState]:

@@ -8,7 +8,7 @@ is retried by the next acquire after its own bounded connect timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -85,6 +85,10 @@ class PostgresConnection(Connection):
     def transaction(self) -> AbstractAsyncContextManager[None]:
         return self._transaction()
 
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self._raw.is_in_transaction())
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         tx = self._raw.transaction()
@@ -111,11 +115,32 @@ def _map_error(pool: PostgresPool, exc: BaseException, sql: str, timeout: float 
         return ConstraintViolation(pool.name, str(exc), sql=sql)
     if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
         return ShardTimeout(pool.name, timeout or pool.options.query_timeout_s)
-    if isinstance(exc, _UNREACHABLE | asyncpg.InterfaceError):
+    if isinstance(exc, _UNREACHABLE):
         return ShardUnavailable(pool.name, pool.safe_url, f"connection lost: {exc}")
-    if isinstance(exc, asyncpg.PostgresError | asyncpg.exceptions.DataError | TypeError | ValueError):
+    # asyncpg's client-side DataError (an argument it cannot encode) is an
+    # InterfaceError and a ValueError: a bad query, not a lost connection.
+    if isinstance(exc, asyncpg.PostgresError | TypeError | ValueError):
         return QueryError(pool.name, f"{type(exc).__name__}: {exc}", sql=sql)
+    if isinstance(exc, asyncpg.InterfaceError):
+        return ShardUnavailable(pool.name, pool.safe_url, f"connection lost: {exc}")
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+class Listener:
+    """A LISTEN connection: `alive()` while it lasts, `await close()` to end it."""
+
+    def __init__(self, raw: Any, timeout_s: float) -> None:
+        self._raw = raw
+        self._timeout_s = timeout_s
+
+    def alive(self) -> bool:
+        return not self._raw.is_closed()
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._raw.close(), self._timeout_s)
+        except Exception:
+            self._raw.terminate()
 
 
 @register_backend("postgresql")
@@ -195,6 +220,15 @@ class PostgresPool(Pool):
     def stats(self) -> PoolStats:
         size = self._pool.get_size() if self._pool is not None else 0
         return PoolStats(size=size, in_use=self._in_use, max_size=self.options.max_size)
+
+    async def listen(self, channel: str, callback: Callable[..., None]) -> Listener:
+        """LISTEN on `channel` over a dedicated connection (not one of the pool's)."""
+        try:
+            raw = await asyncpg.connect(self.url, timeout=self.options.connect_timeout_s)
+            await raw.add_listener(channel, callback)
+        except (TimeoutError, *_UNREACHABLE, asyncpg.PostgresError) as exc:
+            raise ShardUnavailable(self.name, self.safe_url, f"cannot LISTEN: {exc}") from exc
+        return Listener(raw, self.options.connect_timeout_s)
 
     async def create_database(self) -> bool:
         """Create this pool's database through the server's `postgres` database."""

@@ -144,9 +144,7 @@ class ShardedDatabase:
         The first open of an empty catalog stores a balanced topology over the
         configured shards at epoch 1. Shards themselves are not contacted.
         """
-        await migrations.apply(
-            self.catalog.pool, migrations.discover(migrations.BUILTIN_DIR, "catalog", "tenfold")
-        )
+        await migrations.apply(self.catalog.pool, migrations.builtin("catalog"))
         topology = await self.catalog.load_topology()
         if topology is None:
             try:

@@ -35,7 +35,7 @@ class DatabaseStatus:
 
 
 def _plan(folder: Path | None, target: str) -> list[migrations.Migration]:
-    found = migrations.discover(migrations.BUILTIN_DIR, target, "tenfold")
+    found = migrations.builtin(target)
     if folder is not None:
         found += migrations.discover(Path(folder), target, "app")
     return found

@@ -90,6 +90,12 @@ class SqliteConnection(Connection):
         except TimeoutError:
             await self._raw.interrupt()
             raise ShardTimeout(self.shard, limit) from None
+        except asyncio.CancelledError:
+            # Cancelled from outside (a scatter's per-shard timeout, a caller's
+            # own timeout): stop the statement, or it keeps running in the
+            # connection's thread and blocks every later use of the connection.
+            await self._raw.interrupt()
+            raise
         except sqlite3.Error as exc:
             raise _map_error(self._pool, exc, sql) from exc
 
@@ -105,10 +111,16 @@ class SqliteConnection(Connection):
     ) -> None:
         limit = timeout if timeout is not None else self._pool.options.query_timeout_s
         try:
-            async with self.transaction(), asyncio.timeout(limit):
-                await self._raw.executemany(to_sqlite_params(sql), list(args))
+            async with self.transaction():
+                try:
+                    async with asyncio.timeout(limit):
+                        await self._raw.executemany(to_sqlite_params(sql), list(args))
+                except (TimeoutError, asyncio.CancelledError):
+                    # Stop the statement before the rollback, which would
+                    # otherwise queue behind it in the connection's thread.
+                    await self._raw.interrupt()
+                    raise
         except TimeoutError:
-            await self._raw.interrupt()
             raise ShardTimeout(self.shard, limit) from None
         except sqlite3.Error as exc:
             raise _map_error(self._pool, exc, sql) from exc
@@ -122,6 +134,10 @@ class SqliteConnection(Connection):
     def transaction(self) -> AbstractAsyncContextManager[None]:
         return self._transaction()
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         depth = self._depth
@@ -132,11 +148,17 @@ class SqliteConnection(Connection):
             yield
         except BaseException:
             self._depth = depth
-            if depth == 0:
-                await self._control("ROLLBACK")
-            else:
-                await self._control(f"ROLLBACK TO {name}")
-                await self._control(f"RELEASE {name}")
+            try:
+                if depth == 0:
+                    await self._control("ROLLBACK")
+                else:
+                    await self._control(f"ROLLBACK TO {name}")
+                    await self._control(f"RELEASE {name}")
+            except QueryError:
+                # An interrupted write (a timeout) makes SQLite roll the whole
+                # transaction back itself: nothing is left to undo.
+                if self._raw.in_transaction:
+                    raise
             raise
         self._depth = depth
         await self._control("COMMIT" if depth == 0 else f"RELEASE {name}")

@@ -1,0 +1,66 @@
+"""What happens to one delivery: run the handler, then ack, retry later, or dead-letter.
+
+Pure policy over the handler's result, shared by every backend, so the
+retry/DLQ semantics are the same on the memory backend and on JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from tenfold.events.base import Delivery, Handler, RetryPolicy
+from tenfold.observe import metrics
+
+__all__ = ["Outcome", "deliver"]
+
+log = logging.getLogger("tenfold.events.consumer")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """`ack`, or `retry` after `delay_s`, or `dead` with the error text."""
+
+    action: str
+    delay_s: float = 0.0
+    error: str = ""
+
+
+ACK = Outcome("ack")
+
+
+async def deliver(
+    handler: Handler, delivery: Delivery, policy: RetryPolicy, group: str, timeout_s: float
+) -> Outcome:
+    """Run `handler` on `delivery` (bounded by `timeout_s`) and decide what follows."""
+    topic = delivery.event.topic
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            await handler(delivery)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TimeoutError) else (
+            f"handler timed out after {timeout_s:g} s"
+        )
+        if policy.gives_up(delivery.attempt):
+            log.error(
+                "%s/%s: event %s dead-lettered after %d attempts: %s",
+                topic, group, delivery.event.id, delivery.attempt, error,
+            )
+            metrics.events_handled.labels(topic, group, "dead_letter").inc()
+            return Outcome("dead", error=error)
+        delay = policy.backoff_s(delivery.attempt)
+        log.warning(
+            "%s/%s: event %s attempt %d failed (%s); retrying in %.2fs",
+            topic, group, delivery.event.id, delivery.attempt, error, delay,
+        )
+        metrics.events_handled.labels(topic, group, "retry").inc()
+        return Outcome("retry", delay_s=delay, error=error)
+    finally:
+        metrics.handler_seconds.labels(topic, group).observe(time.perf_counter() - start)
+    metrics.events_handled.labels(topic, group, "ok").inc()
+    return ACK

@@ -1,0 +1,259 @@
+"""In-process stream backend: the embedded mode's event log and the fast test double.
+
+Same semantics as JetStream for everything in `StreamBackend`'s contract:
+partitions by slot, de-duplication by id within a window, durable group
+positions (for the life of the process), one event in flight per partition,
+retries with backoff, a DLQ per topic, retention by age and bytes.
+
+Invariants:
+- Sequences per topic start at 1 and only grow; a partition's entries are in
+  sequence order.
+- A (group, partition) position advances only after the handler succeeded or
+  the event was dead-lettered; one task at a time works a (group, partition).
+- Every queue is bounded by the topic's retention (`max_age_s`, `max_bytes`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from tenfold.errors import TopicError
+from tenfold.events.base import (
+    DeadLetter,
+    Delivery,
+    Event,
+    GroupStatus,
+    Handler,
+    RetryPolicy,
+    StartPosition,
+    StreamBackend,
+    TopicSpec,
+    TopicStatus,
+)
+from tenfold.events.dispatch import deliver
+
+__all__ = ["MemoryStreams"]
+
+
+@dataclass
+class _Entry:
+    seq: int
+    stored_at: float
+    event: Event
+
+
+@dataclass
+class _Partition:
+    entries: list[_Entry] = field(default_factory=list)
+    first: int = 0  # absolute index of entries[0] (older ones were trimmed)
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.entries)
+
+    def get(self, index: int) -> _Entry:
+        return self.entries[index - self.first]
+
+
+@dataclass
+class _Topic:
+    spec: TopicSpec
+    partitions: list[_Partition]
+    changed: asyncio.Condition
+    seq: int = 0
+    bytes: int = 0
+    seen: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, list[int]] = field(default_factory=dict)
+    locks: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    dlq: dict[int, DeadLetter] = field(default_factory=dict)
+    dlq_seq: int = 0
+
+
+class MemoryStreams(StreamBackend):
+    """Topics in this process's memory. `url` is `memory://` (the rest is ignored)."""
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        handler_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        **_: object,
+    ) -> None:
+        self.url = url
+        self.handler_timeout_s = handler_timeout_s
+        self._clock = clock
+        self._topics: dict[str, _Topic] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _topic(self, spec: TopicSpec) -> _Topic:
+        topic = self._topics.get(spec.name)
+        if topic is None:
+            raise TopicError(f"topic {spec.name} does not exist yet: ensure_topic() it first")
+        return topic
+
+    async def ensure_topic(self, spec: TopicSpec) -> None:
+        topic = self._topics.get(spec.name)
+        if topic is None:
+            self._topics[spec.name] = _Topic(
+                spec, [_Partition() for _ in range(spec.partitions)], asyncio.Condition()
+            )
+        elif topic.spec.partitions != spec.partitions:
+            raise TopicError(
+                f"topic {spec.name} has {topic.spec.partitions} partitions, asked for "
+                f"{spec.partitions}: changing the count would reorder keys; create a new topic"
+            )
+        else:
+            topic.spec = spec
+
+    async def publish(self, spec: TopicSpec, events: list[Event]) -> None:
+        topic = self._topic(spec)
+        now = self._clock()
+        window = topic.spec.duplicate_window_s
+        for event in events:
+            if topic.seen.get(event.dedup_id, 0.0) > now:
+                continue
+            topic.seen[event.dedup_id] = now + window
+            topic.seq += 1
+            part = topic.partitions[topic.spec.partition_of(event.slot)]
+            part.entries.append(_Entry(topic.seq, now, event))
+            topic.bytes += len(event.payload)
+        self._trim(topic, now)
+        async with topic.changed:
+            topic.changed.notify_all()
+
+    def _trim(self, topic: _Topic, now: float) -> None:
+        spec = topic.spec
+        oldest = now - spec.max_age_s
+        for part in topic.partitions:
+            while part.entries and part.entries[0].stored_at < oldest:
+                topic.bytes -= len(part.entries.pop(0).event.payload)
+                part.first += 1
+        while spec.max_bytes >= 0 and topic.bytes > spec.max_bytes:
+            # Drop the globally oldest entry, as a limits-based stream does.
+            part = min((p for p in topic.partitions if p.entries), key=lambda p: p.entries[0].seq)
+            topic.bytes -= len(part.entries.pop(0).event.payload)
+            part.first += 1
+        if len(topic.seen) > 10_000:
+            topic.seen = {k: v for k, v in topic.seen.items() if v > now}
+
+    def _start_index(self, part: _Partition, start: StartPosition) -> int:
+        if start.sequence is not None:
+            return next((part.first + i for i, e in enumerate(part.entries) if e.seq >= start.sequence), part.end)
+        if start.time_s is not None:
+            return next((part.first + i for i, e in enumerate(part.entries) if e.stored_at >= start.time_s), part.end)
+        return part.first if start.everything else part.end
+
+    async def consume(
+        self,
+        spec: TopicSpec,
+        group: str,
+        handler: Handler,
+        policy: RetryPolicy,
+        start: StartPosition,
+    ) -> Callable[[], Awaitable[None]]:
+        topic = self._topic(spec)
+        if group not in topic.groups:
+            topic.groups[group] = [self._start_index(p, start) for p in topic.partitions]
+        stopping = asyncio.Event()
+        tasks = [
+            asyncio.create_task(self._work(topic, group, p, handler, policy, stopping))
+            for p in range(spec.partitions)
+        ]
+
+        async def stop() -> None:
+            stopping.set()
+            async with topic.changed:
+                topic.changed.notify_all()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        return stop
+
+    async def _work(
+        self, topic: _Topic, group: str, p: int, handler: Handler, policy: RetryPolicy,
+        stopping: asyncio.Event,
+    ) -> None:
+        part = topic.partitions[p]
+        lock = topic.locks.setdefault((group, p), asyncio.Lock())
+        while not stopping.is_set():
+            async with lock:
+                cursor = topic.groups[group]
+                index = max(cursor[p], part.first)
+                if index < part.end:
+                    entry = part.get(index)
+                    if await self._handle(topic, group, p, entry, handler, policy, stopping):
+                        # A reset_group meanwhile replaced the list: the reset wins.
+                        if cursor is topic.groups[group]:
+                            cursor[p] = index + 1
+                    continue
+            async with topic.changed:
+                await topic.changed.wait_for(
+                    lambda: stopping.is_set() or max(topic.groups[group][p], part.first) < part.end
+                )
+
+    async def _handle(
+        self, topic: _Topic, group: str, p: int, entry: _Entry, handler: Handler,
+        policy: RetryPolicy, stopping: asyncio.Event,
+    ) -> bool:
+        """Deliver until acked or dead-lettered (True), or until stopped (False)."""
+        attempt = 1
+        topic.in_flight[group] = topic.in_flight.get(group, 0) + 1
+        try:
+            while not stopping.is_set():
+                outcome = await deliver(
+                    handler, Delivery(entry.event, attempt, p, entry.seq), policy, group,
+                    self.handler_timeout_s,
+                )
+                if outcome.action == "retry":
+                    attempt += 1
+                    try:
+                        async with asyncio.timeout(outcome.delay_s):
+                            await stopping.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+                if outcome.action == "dead":
+                    topic.dlq_seq += 1
+                    topic.dlq[topic.dlq_seq] = DeadLetter(
+                        topic.dlq_seq, entry.event, group, outcome.error, attempt, self._clock()
+                    )
+                return True
+            return False
+        finally:
+            topic.in_flight[group] -= 1
+
+    async def reset_group(self, spec: TopicSpec, group: str, start: StartPosition) -> None:
+        topic = self._topic(spec)
+        topic.groups[group] = [self._start_index(p, start) for p in topic.partitions]
+        async with topic.changed:
+            topic.changed.notify_all()
+
+    async def topic_status(self, spec: TopicSpec) -> TopicStatus:
+        topic = self._topic(spec)
+        messages = sum(len(p.entries) for p in topic.partitions)
+        return TopicStatus(spec.name, messages, topic.bytes, topic.seq, len(topic.dlq))
+
+    async def group_status(self, spec: TopicSpec, group: str) -> GroupStatus:
+        topic = self._topic(spec)
+        cursor = topic.groups.get(group)
+        if cursor is None:
+            raise TopicError(f"no consumer group {group!r} on topic {spec.name}")
+        lag = sum(p.end - max(c, p.first) for p, c in zip(topic.partitions, cursor, strict=True))
+        return GroupStatus(spec.name, group, lag, topic.in_flight.get(group, 0))
+
+    async def dead_letters(self, spec: TopicSpec, limit: int = 100) -> list[DeadLetter]:
+        return [self._topic(spec).dlq[s] for s in sorted(self._topic(spec).dlq)[:limit]]
+
+    async def drop_dead_letter(self, spec: TopicSpec, sequence: int) -> bool:
+        return self._topic(spec).dlq.pop(sequence, None) is not None

@@ -1,0 +1,372 @@
+"""NATS JetStream backend.
+
+    topic  chat.messages  → stream TF_CHAT_MESSAGES, subjects tf.chat.messages.<partition>
+    DLQ                   → stream TFDLQ_CHAT_MESSAGES, subject tfdlq.chat.messages.<group>
+    group g, partition p  → durable pull consumer g_p<p> filtered to that partition's subject,
+                            max_ack_pending=1 (strict order), explicit ack
+
+The event id travels as `Nats-Msg-Id` (the stream de-duplicates within its
+duplicate window) and in `Tf-Event-Id`. Durability: JetStream acknowledges a
+write before it reaches disk unless the server runs with
+`jetstream { sync_interval: always }`; the local stack and the fault tests do,
+and docs/events.md says what production needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tenfold.config import redact_url
+from tenfold.errors import BrokerUnavailable, MissingDependency, TopicError
+from tenfold.events.base import (
+    DeadLetter,
+    Delivery,
+    Event,
+    GroupStatus,
+    Handler,
+    RetryPolicy,
+    StartPosition,
+    StreamBackend,
+    TopicSpec,
+    TopicStatus,
+)
+from tenfold.events.dispatch import deliver
+
+try:
+    import nats
+    import nats.errors
+    import nats.js.errors
+    from nats.js import api
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise MissingDependency("nats-py", "nats", "a nats:// events URL") from exc
+
+__all__ = ["NatsStreams"]
+
+log = logging.getLogger("tenfold.events.nats")
+_APP = "Tf-H-"
+_BROKER_ERRORS = (nats.errors.Error, OSError, TimeoutError)
+
+
+def stream_name(topic: str) -> str:
+    return "TF_" + topic.replace(".", "_").upper()
+
+
+def dlq_stream_name(topic: str) -> str:
+    return "TFDLQ_" + topic.replace(".", "_").upper()
+
+
+def _headers(event: Event) -> dict[str, str]:
+    headers = {
+        "Nats-Msg-Id": event.dedup_id,
+        "Tf-Event-Id": event.id,
+        "Tf-Key": event.key,
+        "Tf-Slot": str(event.slot),
+        "Tf-Created": repr(event.created_at),
+    }
+    for name, value in event.headers.items():
+        headers[_APP + name] = value
+    return headers
+
+
+def _event(topic: str, data: bytes, headers: dict[str, str] | None) -> Event:
+    h = headers or {}
+    return Event(
+        id=h.get("Tf-Event-Id", ""),
+        topic=topic,
+        key=h.get("Tf-Key", ""),
+        slot=int(h.get("Tf-Slot", "0")),
+        payload=bytes(data),
+        created_at=float(h.get("Tf-Created", "0")),
+        headers={k[len(_APP):]: v for k, v in h.items() if k.startswith(_APP)},
+    )
+
+
+class NatsStreams(StreamBackend):
+    """Topics as JetStream streams on the server at `url` (`nats://host:port`)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout_s: float = 3.0,
+        publish_timeout_s: float = 5.0,
+        handler_timeout_s: float = 30.0,
+        fetch_wait_s: float = 1.0,
+        **_: object,
+    ) -> None:
+        self.url = url
+        self.safe_url = redact_url(url)
+        self.connect_timeout_s = connect_timeout_s
+        self.publish_timeout_s = publish_timeout_s
+        self.handler_timeout_s = handler_timeout_s
+        self.fetch_wait_s = fetch_wait_s
+        self._nc: Any = None
+        self._js: Any = None
+
+    async def start(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            return
+        try:
+            self._nc = await nats.connect(
+                self.url,
+                connect_timeout=self.connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnect,
+            )
+        except (*_BROKER_ERRORS, nats.errors.NoServersError) as exc:
+            raise BrokerUnavailable(self.safe_url, f"cannot connect: {exc!r}") from exc
+        self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats %s: %s", self.safe_url, exc)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("nats %s: disconnected, reconnecting", self.safe_url)
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), self.connect_timeout_s)
+            except (*_BROKER_ERRORS, asyncio.CancelledError):
+                await nc.close()
+
+    def _jetstream(self) -> Any:
+        if self._js is None:
+            raise BrokerUnavailable(self.safe_url, "not connected: call start() first")
+        return self._js
+
+    async def ensure_topic(self, spec: TopicSpec) -> None:
+        js = self._jetstream()
+        stream = api.StreamConfig(
+            name=stream_name(spec.name),
+            subjects=[f"tf.{spec.name}.*"],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=spec.max_age_s,
+            max_bytes=spec.max_bytes,
+            max_msg_size=spec.max_event_bytes + 4096,
+            duplicate_window=spec.duplicate_window_s,
+            description=f"tenfold topic {spec.name}, {spec.partitions} partitions",
+        )
+        dlq = api.StreamConfig(
+            name=dlq_stream_name(spec.name),
+            subjects=[f"tfdlq.{spec.name}.*"],
+            storage=api.StorageType.FILE,
+            max_age=max(spec.max_age_s, 14 * 24 * 3600.0),
+        )
+        for config in (stream, dlq):
+            try:
+                try:
+                    await js.add_stream(config)
+                except nats.js.errors.BadRequestError:
+                    await js.update_stream(config)  # exists with other limits: take ours
+            except _BROKER_ERRORS as exc:
+                raise BrokerUnavailable(self.safe_url, f"cannot create stream {config.name}: {exc!r}") from exc
+
+    async def publish(self, spec: TopicSpec, events: list[Event]) -> None:
+        js = self._jetstream()
+        try:
+            futures = [
+                await js.publish_async(
+                    f"tf.{spec.name}.{spec.partition_of(e.slot)}", e.payload, headers=_headers(e)
+                )
+                for e in events
+            ]
+            async with asyncio.timeout(self.publish_timeout_s):
+                acks = await asyncio.gather(*futures)
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(self.safe_url, f"publish to {spec.name} failed: {exc!r}") from exc
+        for ack in acks:
+            if getattr(ack, "stream", None) != stream_name(spec.name):
+                raise BrokerUnavailable(self.safe_url, f"unexpected ack {ack!r} for {spec.name}")
+
+    async def consume(
+        self,
+        spec: TopicSpec,
+        group: str,
+        handler: Handler,
+        policy: RetryPolicy,
+        start: StartPosition,
+    ) -> Callable[[], Awaitable[None]]:
+        subs = [await self._subscribe(spec, group, p, start) for p in range(spec.partitions)]
+        stopping = asyncio.Event()
+        tasks = [
+            asyncio.create_task(self._work(spec, group, p, sub, handler, policy, stopping))
+            for p, sub in enumerate(subs)
+        ]
+
+        async def stop() -> None:
+            stopping.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except _BROKER_ERRORS:
+                    pass
+
+        return stop
+
+    def _consumer_config(self, spec: TopicSpec, group: str, p: int, start: StartPosition) -> Any:
+        policy = api.DeliverPolicy.ALL
+        extra: dict[str, Any] = {}
+        if start.sequence is not None:
+            policy, extra = api.DeliverPolicy.BY_START_SEQUENCE, {"opt_start_seq": start.sequence}
+        elif start.time_s is not None:
+            when = dt.datetime.fromtimestamp(start.time_s, dt.UTC)
+            policy = api.DeliverPolicy.BY_START_TIME
+            extra = {"opt_start_time": when.isoformat().replace("+00:00", "Z")}
+        elif not start.everything:
+            policy = api.DeliverPolicy.NEW
+        return api.ConsumerConfig(
+            durable_name=f"{group}_p{p}",
+            deliver_policy=policy,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.handler_timeout_s + 5.0,
+            max_ack_pending=1,
+            max_deliver=-1,
+            filter_subject=f"tf.{spec.name}.{p}",
+            **extra,
+        )
+
+    async def _subscribe(self, spec: TopicSpec, group: str, p: int, start: StartPosition) -> Any:
+        js = self._jetstream()
+        try:
+            return await js.pull_subscribe(
+                f"tf.{spec.name}.{p}",
+                durable=f"{group}_p{p}",
+                stream=stream_name(spec.name),
+                config=self._consumer_config(spec, group, p, start),
+            )
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(
+                self.safe_url, f"cannot subscribe {group} to {spec.name}[{p}]: {exc!r}"
+            ) from exc
+
+    async def _work(
+        self, spec: TopicSpec, group: str, p: int, sub: Any, handler: Handler,
+        policy: RetryPolicy, stopping: asyncio.Event,
+    ) -> None:
+        failures = 0
+        while not stopping.is_set():
+            try:
+                msgs = await sub.fetch(1, timeout=self.fetch_wait_s)
+            except nats.errors.TimeoutError:
+                continue
+            except _BROKER_ERRORS as exc:
+                failures += 1
+                delay = min(5.0, 0.05 * 2**failures) * (0.5 + random.random() / 2)
+                log.warning("%s/%s[%d]: fetch failed (%r); retrying in %.2fs",
+                            spec.name, group, p, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for msg in msgs:
+                await self._handle(spec, group, p, msg, handler, policy)
+
+    async def _handle(
+        self, spec: TopicSpec, group: str, p: int, msg: Any, handler: Handler, policy: RetryPolicy
+    ) -> None:
+        meta = msg.metadata
+        event = _event(spec.name, msg.data, msg.headers)
+        delivery = Delivery(event, int(meta.num_delivered), p, int(meta.sequence.stream))
+        outcome = await deliver(handler, delivery, policy, group, self.handler_timeout_s)
+        try:
+            if outcome.action == "retry":
+                await msg.nak(delay=outcome.delay_s)
+                return
+            if outcome.action == "dead":
+                headers = {**_headers(event), "Tf-Error": outcome.error[:2000],
+                           "Tf-Attempts": str(delivery.attempt), "Tf-Group": group,
+                           "Tf-Failed-At": repr(time.time()), "Tf-Sequence": str(delivery.sequence)}
+                headers.pop("Nats-Msg-Id")
+                await self._jetstream().publish(
+                    f"tfdlq.{spec.name}.{group}", event.payload, headers=headers,
+                    stream=dlq_stream_name(spec.name),
+                )
+            await msg.ack()
+        except _BROKER_ERRORS as exc:
+            # Not acked: the broker redelivers after ack_wait; an inbox makes that harmless.
+            log.warning("%s/%s[%d]: ack failed (%r); the event will be redelivered",
+                        spec.name, group, p, exc)
+
+    async def reset_group(self, spec: TopicSpec, group: str, start: StartPosition) -> None:
+        js = self._jetstream()
+        for p in range(spec.partitions):
+            try:
+                await js.delete_consumer(stream_name(spec.name), f"{group}_p{p}")
+            except nats.js.errors.NotFoundError:
+                pass
+            except _BROKER_ERRORS as exc:
+                raise BrokerUnavailable(self.safe_url, f"cannot reset {group}: {exc!r}") from exc
+            try:
+                await js.add_consumer(stream_name(spec.name), self._consumer_config(spec, group, p, start))
+            except _BROKER_ERRORS as exc:
+                raise BrokerUnavailable(self.safe_url, f"cannot reset {group}: {exc!r}") from exc
+
+    async def topic_status(self, spec: TopicSpec) -> TopicStatus:
+        js = self._jetstream()
+        try:
+            info = await js.stream_info(stream_name(spec.name))
+            dlq = await js.stream_info(dlq_stream_name(spec.name))
+        except nats.js.errors.NotFoundError:
+            raise TopicError(f"topic {spec.name} has no stream on {self.safe_url}") from None
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
+        return TopicStatus(
+            spec.name, info.state.messages, info.state.bytes, info.state.last_seq, dlq.state.messages
+        )
+
+    async def group_status(self, spec: TopicSpec, group: str) -> GroupStatus:
+        js = self._jetstream()
+        lag = in_flight = 0
+        try:
+            for p in range(spec.partitions):
+                info = await js.consumer_info(stream_name(spec.name), f"{group}_p{p}")
+                lag += info.num_pending + info.num_ack_pending
+                in_flight += info.num_ack_pending
+        except nats.js.errors.NotFoundError:
+            raise TopicError(f"no consumer group {group!r} on topic {spec.name}") from None
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
+        return GroupStatus(spec.name, group, lag, in_flight)
+
+    async def dead_letters(self, spec: TopicSpec, limit: int = 100) -> list[DeadLetter]:
+        js = self._jetstream()
+        out: list[DeadLetter] = []
+        seq = 1
+        try:
+            while len(out) < limit:
+                try:
+                    raw = await js.get_msg(dlq_stream_name(spec.name), seq=seq, next=True)
+                except nats.js.errors.NotFoundError:
+                    break
+                h = raw.headers or {}
+                out.append(DeadLetter(
+                    raw.seq, _event(spec.name, raw.data or b"", h), h.get("Tf-Group", ""),
+                    h.get("Tf-Error", ""), int(h.get("Tf-Attempts", "0")),
+                    float(h.get("Tf-Failed-At", "0")),
+                ))
+                seq = raw.seq + 1
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
+        return out
+
+    async def drop_dead_letter(self, spec: TopicSpec, sequence: int) -> bool:
+        try:
+            return bool(await self._jetstream().delete_msg(dlq_stream_name(spec.name), sequence))
+        except nats.js.errors.NotFoundError:
+            return False
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(self.safe_url, repr(exc)) from exc

@@ -1,0 +1,232 @@
+"""The outbox relay: publish each shard's committed outbox rows to the stream.
+
+    loop: hold the shard's relay lease ─▶ read a batch of unpublished rows (seq order)
+          ─▶ publish (pipelined, dedup id = event id) ─▶ mark exactly those rows published
+          ─▶ wait for NOTIFY (Postgres) or the poll interval when the outbox is empty
+
+Invariants:
+- A row is marked published only after the broker acknowledged it.
+- No committed row is ever skipped: every pass selects `published_at IS NULL`,
+  not `seq > last_seen` (ids are allocated before commit and commit out of
+  order), and marks rows by their exact seq list, never by range.
+- One relay per shard is active (a lease row on the shard). If a paused relay
+  outlives its lease, two may publish the same row; the broker de-duplicates
+  by event id, so a row is published at least once and at most twice.
+- When the broker is down the relay backs off (bounded, jittered) and emits
+  keep committing; nothing is lost, the outbox grows and drains later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tenfold.errors import DataError, EventError
+from tenfold.events.base import Event, StreamBackend, TopicSpec
+from tenfold.events.outbox import PENDING, event_of_row
+from tenfold.observe import metrics
+
+__all__ = ["OutboxRelay"]
+
+log = logging.getLogger("tenfold.events.relay")
+
+
+def _pad(n: int) -> int:
+    # Mark statements are padded to a power of two so a shard sees only a few
+    # distinct statements (prepared-statement cache), not one per batch size.
+    size = 1
+    while size < n:
+        size *= 2
+    return size
+
+
+class OutboxRelay:
+    """Publishes one shard's outbox. Run `run()` as a task; `stop()` ends it.
+
+    Args:
+        db: the `ShardedDatabase` (only its public API is used).
+        shard: the shard whose outbox this relay drains.
+        backend: where events are published.
+        topics: declared topics; rows of other topics use `TopicSpec` defaults.
+    """
+
+    def __init__(
+        self,
+        db: Any,
+        shard: str,
+        backend: StreamBackend,
+        topics: Mapping[str, TopicSpec],
+        *,
+        batch_size: int = 256,
+        poll_interval_s: float = 0.2,
+        lease_s: float = 10.0,
+        retention_s: float = 3600.0,
+        max_backoff_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.shard = shard
+        self.backend = backend
+        self.topics = dict(topics)
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.lease_s = lease_s
+        self.retention_s = retention_s
+        self.max_backoff_s = max_backoff_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._clock = clock
+        self._ensured: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._lease_until = 0.0
+        self._listener: Any = None
+        self.published = 0
+
+    # -- lease --------------------------------------------------------------
+
+    async def hold_lease(self) -> bool:
+        """Take or renew this shard's relay lease; False while another relay holds it."""
+        now = self._clock()
+        if self._lease_until - now > self.lease_s * 2 / 3:
+            return True
+        until = now + self.lease_s
+        async with self.db.shard(self.shard) as conn:
+            won = await conn.execute(
+                "UPDATE tenfold_relay_lease SET owner = $1, expires_at = $2 "
+                "WHERE name = 'outbox' AND (owner = $1 OR expires_at < $3)",
+                self.owner, until, now,
+            )
+            if not won:
+                won = await conn.execute(
+                    "INSERT INTO tenfold_relay_lease (name, owner, expires_at) "
+                    "VALUES ('outbox', $1, $2) ON CONFLICT (name) DO NOTHING",
+                    self.owner, until,
+                )
+        self._lease_until = until if won else 0.0
+        return bool(won)
+
+    async def release_lease(self) -> None:
+        self._lease_until = 0.0
+        async with self.db.shard(self.shard) as conn:
+            await conn.execute(
+                "DELETE FROM tenfold_relay_lease WHERE name = 'outbox' AND owner = $1", self.owner
+            )
+
+    # -- one pass -----------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Publish one batch of pending rows; return how many were published."""
+        async with self.db.shard(self.shard) as conn:
+            rows = await conn.fetch(PENDING, self.batch_size)
+        if not rows:
+            return 0
+        events = [event_of_row(r) for r in rows]
+        by_topic: dict[str, list[Event]] = {}
+        for event in events:
+            by_topic.setdefault(event.topic, []).append(event)
+        for topic, batch in by_topic.items():
+            spec = self.topics.get(topic) or self.topics.setdefault(topic, TopicSpec(topic))
+            if topic not in self._ensured:
+                await self.backend.ensure_topic(spec)
+                self._ensured.add(topic)
+            await self.backend.publish(spec, batch)
+        seqs = [int(r[0]) for r in rows]
+        padded = seqs + [seqs[-1]] * (_pad(len(seqs)) - len(seqs))
+        marks = ", ".join(f"${i}" for i in range(2, len(padded) + 2))
+        async with self.db.shard(self.shard) as conn:
+            await conn.execute(
+                f"UPDATE tenfold_outbox SET published_at = $1 WHERE seq IN ({marks})",
+                self._clock(), *padded,
+            )
+        self.published += len(rows)
+        metrics.outbox_published.labels(shard=self.shard).inc(len(rows))
+        return len(rows)
+
+    async def prune(self) -> int:
+        """Delete published rows older than the retention; return how many."""
+        async with self.db.shard(self.shard) as conn:
+            return int(await conn.execute(
+                "DELETE FROM tenfold_outbox WHERE published_at IS NOT NULL AND published_at < $1",
+                self._clock() - self.retention_s,
+            ))
+
+    async def pending(self) -> int:
+        async with self.db.shard(self.shard) as conn:
+            return int(await conn.fetchval(
+                "SELECT COUNT(*) FROM tenfold_outbox WHERE published_at IS NULL"
+            ) or 0)
+
+    # -- the loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Relay until `stop()`; survives broker and shard outages with bounded backoff."""
+        failures = 0
+        passes = 0
+        while not self._stopping.is_set():
+            try:
+                if not await self.hold_lease():
+                    await self._sleep(min(1.0, self.lease_s / 3))
+                    continue
+                await self._ensure_listener()
+                count = await self.run_once()
+                failures = 0
+                passes += 1
+                if passes % 500 == 0:
+                    await self.prune()
+                if count < self.batch_size:
+                    await self._sleep(self.poll_interval_s)
+            except (EventError, DataError) as exc:
+                failures += 1
+                delay = min(self.max_backoff_s, 0.05 * 2**failures) * (0.5 + random.random() / 2)
+                log.warning("relay %s: %s; retrying in %.2fs", self.shard, exc, delay)
+                metrics.relay_failures.labels(shard=self.shard).inc()
+                await self._sleep(delay)
+        await self._drop_listener()
+
+    async def drain(self, timeout_s: float = 10.0) -> int:
+        """Publish until the outbox is empty (for shutdown); return how many were published."""
+        total = 0
+        async with asyncio.timeout(timeout_s):
+            while (count := await self.run_once()) > 0:
+                total += count
+        return total
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _ensure_listener(self) -> None:
+        # Postgres only: LISTEN on a connection held for the relay's lifetime.
+        if self._listener is not None and not self._listener.alive():
+            self._listener = None
+        if self._listener is not None or not hasattr(self.db.pool(self.shard), "listen"):
+            return
+        try:
+            self._listener = await self.db.pool(self.shard).listen(
+                "tenfold_outbox", lambda *_: self._wake.set()
+            )
+        except DataError as exc:
+            log.info("relay %s: LISTEN unavailable, polling only: %s", self.shard, exc)
+
+    async def _drop_listener(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.close()

@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics (and, with later issues, tracing and logging setup)."""
