@@ -35,7 +35,8 @@ lint: setup
 	$(BIN)/mypy
 
 bench: setup
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks issue2
+	$(BIN)/python -m benchmarks issue3
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

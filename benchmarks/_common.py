@@ -32,10 +32,10 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def environment(quick: bool) -> dict[str, Any]:
-    """What the figures depend on besides the code: versions, CPUs, load."""
+def environment(quick: bool, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """What the figures depend on besides the code: versions (plus `extra` dists), CPUs, load."""
     versions = {}
-    for dist in ("tenfold", "asyncpg", "uhashring", "xxhash"):
+    for dist in ("tenfold", "asyncpg", "uhashring", "xxhash", *extra):
         try:
             versions[dist] = version(dist)
         except PackageNotFoundError:

@@ -149,6 +149,7 @@ class Settings(BaseSettings):
     scatter_timeout_s: float = 10.0
     statement_cache_size: int = 512
     topology_ttl_s: float = 5.0
+    topology_refresh_wait_s: float = 0.25
     replica_retry_s: float = 5.0
     id_worker_lease_s: float = 60.0
     migrations_dir: Path | None = None
@@ -221,6 +222,7 @@ class Settings(BaseSettings):
             "query_timeout_s",
             "scatter_timeout_s",
             "topology_ttl_s",
+            "topology_refresh_wait_s",
             "replica_retry_s",
             "id_worker_lease_s",
             "events_connect_timeout_s",
@@ -233,7 +235,9 @@ class Settings(BaseSettings):
             "handler_timeout_s",
         ):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"TENFOLD_{name.upper()}", f"must be > 0, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"TENFOLD_{name.upper()}", f"must be > 0, got {getattr(self, name)}"
+                )
         if self.id_worker_lease_s < 10:
             # Leases are treated as lapsed 2 s early and renewed every third of
             # their length; below 10 s a slow catalog would stop id issuance.

@@ -26,9 +26,9 @@ to the most specific error below. Every message names the thing that failed
 from __future__ import annotations
 
 __all__ = [
+    "BrokerUnavailable",
     "ConfigError",
     "ConstraintViolation",
-    "BrokerUnavailable",
     "DataError",
     "EventError",
     "KeyspaceError",

@@ -125,7 +125,9 @@ class IdGenerator:
             if now > _MAX_TIME:
                 raise KeyspaceError("id timestamp overflow: the 41-bit clock ran out (year 2093)")
             self._last[slot] = (now, seq)
-            return (now << _TIME_SHIFT) | (slot << _SLOT_SHIFT) | (self.worker << _WORKER_SHIFT) | seq
+            return (
+                (now << _TIME_SHIFT) | (slot << _SLOT_SHIFT) | (self.worker << _WORKER_SHIFT) | seq
+            )
 
     def _wait_past(self, last_ms: int) -> int:
         # Sequence exhausted or clock stepped back: spin (sub-millisecond) until

@@ -57,9 +57,7 @@ def canonical_bytes(key: Key) -> bytes:
     # Subclasses (str enums, int flags) are accepted by their base behaviour,
     # but bool is refused: True and 1 would silently share a slot.
     if isinstance(key, bool) or key is None:
-        raise TypeError(
-            f"shard key must be str, int, bytes or UUID, got {kind.__name__} ({key!r})"
-        )
+        raise TypeError(f"shard key must be str, int, bytes or UUID, got {kind.__name__} ({key!r})")
     if isinstance(key, str):
         return b"s" + str.encode(key, "utf-8", "surrogatepass")
     if isinstance(key, int):
@@ -74,7 +72,7 @@ def slot_of(key: Key) -> int:
     # The str fast path skips a function call: it is the common key type.
     if type(key) is str:
         try:
-            return _hash(b"s" + key.encode()) % SLOTS  # type: ignore[union-attr]
+            return _hash(b"s" + key.encode()) % SLOTS
         except UnicodeEncodeError:
             pass  # a lone surrogate: the general path encodes it with surrogatepass
     return _hash(canonical_bytes(key)) % SLOTS

@@ -6,4 +6,5 @@ async def test_roundtrip(make_db):
     async with db.shard_for("alice") as conn:
         await conn.execute("CREATE TABLE t (slot INT NOT NULL, name TEXT)")
         await conn.insert("t", {"name": "alice"})
-        assert await conn.fetchval("SELECT slot FROM t WHERE name = $1", "alice") == slot_of("alice")
+        slot = await conn.fetchval("SELECT slot FROM t WHERE name = $1", "alice")
+        assert slot == slot_of("alice")

@@ -16,7 +16,9 @@ from tenfold.data.schema import DatabaseStatus, migrate_all, schema_status
 app = typer.Typer(help="Migrate and inspect the catalog and shard databases.", no_args_is_help=True)
 
 DirOption = typer.Option(
-    None, "--dir", help="App migrations folder (with catalog/ and shard/); default TENFOLD_MIGRATIONS_DIR."
+    None,
+    "--dir",
+    help="App migrations folder (with catalog/ and shard/); default TENFOLD_MIGRATIONS_DIR.",
 )
 
 
@@ -29,13 +31,19 @@ async def _migrate(
     await db.open(ids=False)
     try:
         with Progress(
-            TextColumn("[bold]migrating"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.description}"), TimeElapsedColumn(),
-            console=console, disable=not show,
+            TextColumn("[bold]migrating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not show,
         ) as progress:
             task = progress.add_task("", total=len(db.all_pools()))
             return await migrate_all(
-                db, folder, create=create,
+                db,
+                folder,
+                create=create,
                 on_done=lambda name: progress.update(task, advance=1, description=name),
             )
     finally:
@@ -90,9 +98,13 @@ def status(
             if r.error:
                 table.add_row(r.database, r.url, "—", "—", "—", f"[red]{r.error}[/]")
                 continue
-            convention = "[green]ok[/]" if not r.convention else "[yellow]" + "; ".join(r.convention) + "[/]"
+            convention = (
+                "[green]ok[/]" if not r.convention else "[yellow]" + "; ".join(r.convention) + "[/]"
+            )
             table.add_row(
-                r.database, r.url, str(r.applied),
+                r.database,
+                r.url,
+                str(r.applied),
                 "[yellow]" + ", ".join(r.pending) + "[/]" if r.pending else "[green]none[/]",
                 "[red]" + ", ".join(r.changed) + "[/]" if r.changed else "none",
                 convention if r.database != "catalog" else "—",

@@ -90,7 +90,9 @@ def check(
     else:
         _print(rows, db.topology.epoch)
         if down:
-            console.print(f"[bold red]{len(down)} shard(s) unreachable:[/] {', '.join(map(str, down))}")
+            console.print(
+                f"[bold red]{len(down)} shard(s) unreachable:[/] {', '.join(map(str, down))}"
+            )
         else:
             console.print(f"[bold green]all {len(rows)} shards reachable[/]")
     if down:

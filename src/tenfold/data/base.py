@@ -98,6 +98,23 @@ class Connection(abc.ABC):
     def transaction(self) -> AbstractAsyncContextManager[None]:
         """A transaction (or, nested, a savepoint): commit on success, roll back on error."""
 
+    _after_commit: list[Callable[[], None]]
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the outermost transaction commits; forget it on rollback.
+
+        Outside a transaction (autocommit) the statement already committed: call now.
+        """
+        if self.in_transaction:
+            self._after_commit.append(callback)
+        else:
+            callback()
+
+    def _committed(self) -> None:
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
     @property
     @abc.abstractmethod
     def in_transaction(self) -> bool:

@@ -95,14 +95,19 @@ class Catalog:
                     won = await conn.execute(
                         "UPDATE tenfold_id_workers SET owner = $1, expires_at = $2 "
                         "WHERE worker = $3 AND expires_at < $4",
-                        owner, now + lease_s, worker, now,
+                        owner,
+                        now + lease_s,
+                        worker,
+                        now,
                     )
                 else:
                     try:
                         won = await conn.execute(
                             "INSERT INTO tenfold_id_workers (worker, owner, expires_at) "
                             "VALUES ($1, $2, $3)",
-                            worker, owner, now + lease_s,
+                            worker,
+                            owner,
+                            now + lease_s,
                         )
                     except ConstraintViolation:
                         won = 0
@@ -116,7 +121,9 @@ class Catalog:
         async with self.pool.acquire() as conn:
             n = await conn.execute(
                 "UPDATE tenfold_id_workers SET expires_at = $1 WHERE worker = $2 AND owner = $3",
-                expires, lease.worker, lease.owner,
+                expires,
+                lease.worker,
+                lease.owner,
             )
         if n == 1:
             lease.expires_at = expires
@@ -126,6 +133,7 @@ class Catalog:
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "DELETE FROM tenfold_id_workers WHERE worker = $1 AND owner = $2",
-                lease.worker, lease.owner,
+                lease.worker,
+                lease.owner,
             )
         lease.expires_at = 0.0

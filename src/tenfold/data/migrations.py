@@ -138,7 +138,14 @@ async def apply(pool: Pool, migrations: list[Migration]) -> list[str]:
 
 async def _ensure_table(pool: Pool) -> None:
     async with pool.acquire() as conn:
-        await conn.execute(_TABLE)
+        if pool.dialect == "postgresql":
+            # Concurrent CREATE TABLE IF NOT EXISTS can still collide in
+            # Postgres's catalog (pg_type unique violation): serialise it.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+                await conn.execute(_TABLE)
+        else:
+            await conn.execute(_TABLE)
 
 
 async def _applied(pool: Pool) -> dict[str, tuple[str, float]]:

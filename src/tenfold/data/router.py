@@ -15,11 +15,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -75,22 +76,40 @@ class _Shard:
             await pool.close()
 
 
+_PRIMARY, _REPLICA, _NAMED = 0, 1, 2
+
+
 class _Lease:
-    """`async with` a connection from a pool, tagged with the key's slot."""
+    """`async with` a connection, tagged with the key's slot.
 
-    __slots__ = ("_ctx", "_db", "_pick", "_slot")
+    The shard is resolved in `__aenter__`, after the topology check, so the
+    request that notices a new epoch is already routed by it.
+    """
 
-    def __init__(self, db: ShardedDatabase, slot: int | None, pick: Callable[[], Any]) -> None:
+    __slots__ = ("_ctx", "_db", "_mode", "_name", "_slot")
+
+    def __init__(self, db: ShardedDatabase, slot: int | None, mode: int, name: str = "") -> None:
         self._db = db
         self._slot = slot
-        self._pick = pick
+        self._mode = mode
+        self._name = name
         self._ctx: Any = None
 
     async def __aenter__(self) -> Connection:
         db = self._db
         if db._clock() >= db._topology_deadline:
-            await db.refresh_topology()
-        self._ctx, conn = await self._pick()
+            await db._check_topology()
+        if self._mode == _NAMED:
+            pool = db._named(self._name).primary
+        else:
+            shard = db._shards[db.topology.shard_of_slot(self._slot)]  # type: ignore[arg-type]
+            if self._mode == _REPLICA and shard.replicas:
+                self._ctx, replica = await db._pick_replica(shard)
+                replica.slot = self._slot
+                return replica
+            pool = shard.primary
+        self._ctx = pool.acquire()
+        conn: Connection = await self._ctx.__aenter__()
         conn.slot = self._slot
         return conn
 
@@ -128,10 +147,14 @@ class ShardedDatabase:
         self._shards = {
             spec.name: _Shard(spec, self.options, s.replica_retry_s) for spec in s.shard_specs()
         }
-        self.catalog = Catalog(pool_from_url("catalog", s.catalog_url, self.options))
+        # The catalog answers one query per TTL per process: a small pool is plenty.
+        catalog_options = replace(self.options, min_size=1, max_size=min(4, s.pool_max_size))
+        self.catalog = Catalog(pool_from_url("catalog", s.catalog_url, catalog_options))
         self._topology: Topology | None = None
         self._topology_deadline = float("inf")
         self._refreshing: asyncio.Future[bool] | None = None
+        self._catalog_ok = True
+        self._background: set[asyncio.Future[bool]] = set()
         self._lease: WorkerLease | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._ids: IdGenerator | None = None
@@ -147,10 +170,9 @@ class ShardedDatabase:
         await migrations.apply(self.catalog.pool, migrations.builtin("catalog"))
         topology = await self.catalog.load_topology()
         if topology is None:
-            try:
+            # Another process may create it first (StaleEpoch): then load theirs.
+            with contextlib.suppress(TenfoldError):
                 await self.catalog.save_topology(Topology.balanced(list(self._shards)))
-            except TenfoldError:
-                pass  # another process created it first; load theirs
             topology = await self.catalog.load_topology()
         assert topology is not None
         self._install(topology)
@@ -201,6 +223,26 @@ class ShardedDatabase:
         self._topology = topology
         self._topology_deadline = self._clock() + self.settings.topology_ttl_s
 
+    async def _check_topology(self) -> None:
+        """The first request after the TTL: refresh, waiting at most `topology_refresh_wait_s`.
+
+        The deadline moves on at once, so concurrent requests keep routing with
+        the cached map instead of queueing behind the catalog. While the last
+        refresh failed (catalog down or slow), nobody waits: the refresh runs in
+        the background and the cached topology stays in use.
+        """
+        self._topology_deadline = self._clock() + self.settings.topology_ttl_s
+        task = asyncio.ensure_future(self.refresh_topology())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        if not self._catalog_ok:
+            return
+        try:
+            async with asyncio.timeout(self.settings.topology_refresh_wait_s):
+                await asyncio.shield(task)
+        except TimeoutError:
+            log.warning("catalog slow: routing with cached topology epoch %s", self.topology.epoch)
+
     async def refresh_topology(self) -> bool:
         """Re-read the catalog epoch and reload the map if it moved; True if it did.
 
@@ -220,9 +262,12 @@ class ShardedDatabase:
                     log.info("topology epoch %s -> %s", self.topology.epoch, fresh.epoch)
                     self._install(fresh)
                     changed = True
+            self._catalog_ok = True
         except DataError as exc:
-            log.warning("catalog unreachable, keeping topology epoch %s: %s",
-                        self.topology.epoch, exc)
+            self._catalog_ok = False
+            log.warning(
+                "catalog unreachable, keeping topology epoch %s: %s", self.topology.epoch, exc
+            )
         finally:
             self._topology_deadline = self._clock() + self.settings.topology_ttl_s
             future, self._refreshing = self._refreshing, None
@@ -245,8 +290,8 @@ class ShardedDatabase:
 
     def shard_for_slot(self, slot: int) -> _Lease:
         """A primary connection on the shard that owns `slot`."""
-        pool = self._shards[self.topology.shard_of_slot(slot)].primary
-        return _Lease(self, slot, _acquirer(pool))
+        self.topology.shard_of_slot(slot)  # refuses a slot outside 0..4095 now, not at enter
+        return _Lease(self, slot, _PRIMARY)
 
     def shard_for_id(self, id_: int) -> _Lease:
         """A primary connection on the shard that owns the row with this tenfold id."""
@@ -254,13 +299,12 @@ class ShardedDatabase:
 
     def shard(self, name: str) -> _Lease:
         """A primary connection on the shard called `name` (no slot: `insert` refuses)."""
-        return _Lease(self, None, _acquirer(self._named(name).primary))
+        self._named(name)
+        return _Lease(self, None, _NAMED, name)
 
     def read_for(self, key: Key) -> _Lease:
         """A connection for reads of `key`: a healthy replica if any, else the primary."""
-        slot = slot_of(key)
-        shard = self._shards[self.topology.shard_of_slot(slot)]
-        return _Lease(self, slot, lambda: self._pick_replica(shard))
+        return _Lease(self, slot_of(key), _REPLICA)
 
     async def _pick_replica(self, shard: _Shard) -> tuple[Any, Connection]:
         now = self._clock()
@@ -268,8 +312,11 @@ class ShardedDatabase:
             try:
                 return await _enter(shard.replicas[index])
             except ShardUnavailable as exc:
-                log.warning("replica unavailable, skipping it for %ss: %s",
-                            self.settings.replica_retry_s, exc)
+                log.warning(
+                    "replica unavailable, skipping it for %ss: %s",
+                    self.settings.replica_retry_s,
+                    exc,
+                )
                 shard.mark_down(index, now)
         return await _enter(shard.primary)
 
@@ -363,10 +410,6 @@ class ShardedDatabase:
 
     def all_pools(self) -> list[Pool]:
         return [self.catalog.pool, *(s.primary for s in self._shards.values())]
-
-
-def _acquirer(pool: Pool) -> Callable[[], Any]:
-    return lambda: _enter(pool)
 
 
 async def _enter(pool: Pool) -> tuple[Any, Connection]:

@@ -41,7 +41,9 @@ def _plan(folder: Path | None, target: str) -> list[migrations.Migration]:
     return found
 
 
-def _targets(db: ShardedDatabase, folder: Path | None) -> list[tuple[Pool, list[migrations.Migration]]]:
+def _targets(
+    db: ShardedDatabase, folder: Path | None
+) -> list[tuple[Pool, list[migrations.Migration]]]:
     folder = folder if folder is not None else db.settings.migrations_dir
     shard_plan = _plan(folder, "shard")
     return [(db.catalog.pool, _plan(folder, "catalog"))] + [
@@ -108,10 +110,13 @@ async def slot_convention(pool: Pool) -> list[str]:
     """Tables on a shard that lack a `slot` column or an index led by `slot`."""
     async with pool.acquire() as conn:
         if pool.dialect == "sqlite":
-            tables = [r[0] for r in await conn.fetch(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'tenfold_%'"
-            )]
+            tables = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite_%' AND name NOT LIKE 'tenfold_%'"
+                )
+            ]
             with_slot, indexed = set(), set()
             for t in tables:
                 cols = [r[1] for r in await conn.fetch(f"PRAGMA table_info({t})")]
@@ -122,20 +127,29 @@ async def slot_convention(pool: Pool) -> list[str]:
                     if first is not None and first[2] == "slot":
                         indexed.add(t)
         else:
-            tables = [r[0] for r in await conn.fetch(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
-                "AND tablename NOT LIKE 'tenfold\\_%'"
-            )]
-            with_slot = {r[0] for r in await conn.fetch(
-                "SELECT table_name FROM information_schema.columns "
-                "WHERE table_schema = current_schema() AND column_name = 'slot'"
-            )}
-            indexed = {r[0] for r in await conn.fetch(
-                "SELECT c.relname FROM pg_index i "
-                "JOIN pg_class c ON c.oid = i.indrelid "
-                "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0] "
-                "WHERE a.attname = 'slot'"
-            )}
+            tables = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                    "AND tablename NOT LIKE 'tenfold\\_%'"
+                )
+            ]
+            with_slot = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT table_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND column_name = 'slot'"
+                )
+            }
+            indexed = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT c.relname FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indrelid "
+                    "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0] "
+                    "WHERE a.attname = 'slot'"
+                )
+            }
     problems = []
     for t in sorted(tables):
         if t not in with_slot:

@@ -9,9 +9,10 @@ the write lock up front instead of failing on a lock upgrade mid-transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -31,9 +32,7 @@ __all__ = ["SqlitePool", "to_sqlite_params"]
 
 # Strings, quoted identifiers and comments are copied as they are; only a
 # `$n` outside them becomes SQLite's numbered parameter `?n`.
-_TOKENS = re.compile(
-    r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/|\$(\d+)""", re.DOTALL
-)
+_TOKENS = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/|\$(\d+)""", re.DOTALL)
 
 
 @lru_cache(maxsize=2048)
@@ -76,6 +75,7 @@ class SqliteConnection(Connection):
         self._raw = raw
         self._depth = 0
         self.slot = None
+        self._after_commit: list[Callable[[], None]] = []
 
     async def _run(self, sql: str, args: Sequence[Any], timeout: float | None, fetch: bool) -> Any:
         limit = timeout if timeout is not None else self._pool.options.query_timeout_s
@@ -148,6 +148,8 @@ class SqliteConnection(Connection):
             yield
         except BaseException:
             self._depth = depth
+            if depth == 0:
+                self._after_commit.clear()
             try:
                 if depth == 0:
                     await self._control("ROLLBACK")
@@ -162,6 +164,8 @@ class SqliteConnection(Connection):
             raise
         self._depth = depth
         await self._control("COMMIT" if depth == 0 else f"RELEASE {name}")
+        if depth == 0:
+            self._committed()
 
     async def _control(self, sql: str) -> None:
         try:
@@ -182,6 +186,27 @@ def _map_error(pool: SqlitePool, exc: sqlite3.Error, sql: str) -> Exception:
     if "unable to open" in text or "disk I/O error" in text:
         return ShardUnavailable(pool.name, pool.safe_url, text)
     return QueryError(pool.name, text, sql=sql)
+
+
+async def _enable_wal(raw: aiosqlite.Connection) -> None:
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers
+    # "database is locked" at once (no busy wait) while another connection is
+    # committing to it; retry until the caller's connect timeout.
+    while True:
+        try:
+            await raw.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            await asyncio.sleep(0.01)
+
+
+async def _discard(raw: aiosqlite.Connection | None) -> None:
+    """Close a connection that failed to open: its thread would keep the process alive."""
+    if raw is not None:
+        with contextlib.suppress(Exception):
+            await raw.close()
 
 
 @register_backend("sqlite")
@@ -212,7 +237,8 @@ class SqlitePool(Pool):
                 await self._slots.acquire()
         except TimeoutError:
             raise ShardTimeout(
-                self.name, self.options.acquire_timeout_s,
+                self.name,
+                self.options.acquire_timeout_s,
                 f"acquiring one of {self.options.max_size} connections",
             ) from None
         raw: aiosqlite.Connection | None = None
@@ -238,6 +264,7 @@ class SqlitePool(Pool):
 
     async def _open(self) -> aiosqlite.Connection:
         opts = self.options
+        raw: aiosqlite.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             async with asyncio.timeout(opts.connect_timeout_s):
@@ -248,14 +275,16 @@ class SqlitePool(Pool):
                     cached_statements=opts.statement_cache_size,
                 )
                 raw.row_factory = sqlite3.Row
-                await raw.execute("PRAGMA journal_mode=WAL")
+                await _enable_wal(raw)
                 await raw.execute("PRAGMA synchronous=NORMAL")
                 await raw.execute("PRAGMA foreign_keys=ON")
         except TimeoutError:
+            await _discard(raw)
             raise ShardUnavailable(
                 self.name, self.safe_url, f"no connection within {opts.connect_timeout_s:g} s"
             ) from None
         except (OSError, sqlite3.Error) as exc:
+            await _discard(raw)
             raise ShardUnavailable(self.name, self.safe_url, str(exc)) from exc
         self._size += 1
         return raw

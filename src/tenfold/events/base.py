@@ -55,7 +55,8 @@ def check_topic_name(name: str) -> str:
     """`name` if it is a valid topic (dotted lowercase words), else `TopicError`."""
     if not isinstance(name, str) or not _TOPIC.match(name) or len(name) > 120:
         raise TopicError(
-            f"topic name {name!r} is invalid: use lowercase words joined by dots, e.g. chat.messages"
+            f"topic name {name!r} is invalid: use lowercase words joined by dots, "
+            "e.g. chat.messages"
         )
     return name
 
@@ -119,7 +120,9 @@ class TopicSpec:
     def __post_init__(self) -> None:
         check_topic_name(self.name)
         if not 1 <= self.partitions <= 4096:
-            raise ConfigError(f"topic {self.name}", f"partitions must be 1..4096, got {self.partitions}")
+            raise ConfigError(
+                f"topic {self.name}", f"partitions must be 1..4096, got {self.partitions}"
+            )
         if self.max_age_s <= 0 or self.duplicate_window_s <= 0:
             raise ConfigError(f"topic {self.name}", "max_age_s and duplicate_window_s must be > 0")
         if self.max_event_bytes < 1024:
@@ -147,10 +150,18 @@ class RetryPolicy:
                 f"need 0 < initial_backoff_s ({self.initial_backoff_s}) <= max_backoff_s "
                 f"({self.max_backoff_s})",
             )
+        if not self.multiplier >= 1.0:
+            raise ConfigError(
+                "RetryPolicy.multiplier", f"must be >= 1 (backoff grows), got {self.multiplier}"
+            )
 
     def backoff_s(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Delay before attempt `attempt + 1`, uniformly in [0, capped exponential]."""
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        try:
+            grown = self.initial_backoff_s * self.multiplier ** (attempt - 1)
+        except OverflowError:  # a huge attempt count (many redeliveries): the cap applies
+            grown = self.max_backoff_s
+        ceiling = min(self.max_backoff_s, grown)
         return ceiling * rand()
 
     def gives_up(self, attempt: int) -> bool:
@@ -244,6 +255,14 @@ class StreamBackend(abc.ABC):
     async def group_status(self, spec: TopicSpec, group: str) -> GroupStatus: ...
 
     @abc.abstractmethod
+    async def topics(self) -> list[TopicSpec]:
+        """Every tenfold topic the broker holds (for tools that did not declare them)."""
+
+    @abc.abstractmethod
+    async def groups(self, spec: TopicSpec) -> list[str]:
+        """The consumer groups that have a position on `spec`."""
+
+    @abc.abstractmethod
     async def dead_letters(self, spec: TopicSpec, limit: int = 100) -> list[DeadLetter]: ...
 
     @abc.abstractmethod
@@ -256,15 +275,24 @@ class StreamBackend(abc.ABC):
             raise TopicError(f"no dead letter {sequence} in the DLQ of {spec.name}")
         event = letters[sequence].event
         again = Event(
-            event.id, event.topic, event.key, event.slot, event.payload, event.created_at,
-            dict(event.headers), msg_id=f"{event.id}.replay.{sequence}",
+            event.id,
+            event.topic,
+            event.key,
+            event.slot,
+            event.payload,
+            event.created_at,
+            dict(event.headers),
+            msg_id=f"{event.id}.replay.{sequence}",
         )
         await self.publish(spec, [again])
         await self.drop_dead_letter(spec, sequence)
         return again
 
 
-_BACKENDS = {"memory": "tenfold.events.memory:MemoryStreams", "nats": "tenfold.events.nats:NatsStreams"}
+_BACKENDS = {
+    "memory": "tenfold.events.memory:MemoryStreams",
+    "nats": "tenfold.events.nats:NatsStreams",
+}
 
 
 def backend_from_url(url: str, **options: Any) -> StreamBackend:

@@ -1,32 +1,33 @@
 """`EventBus`: declare topics, emit in shard transactions, relay, consume.
 
-    bus = EventBus(db)                         # backend from TENFOLD_EVENTS_URL
-    bus.topic("chat.messages", partitions=16)
-    async with db.shard_for(room) as conn, conn.transaction():
-        await conn.insert("messages", {...})
-        await bus.emit(conn, "chat.messages", room, {"text": "hi"})
+bus = EventBus(db)                         # backend from TENFOLD_EVENTS_URL
+bus.topic("chat.messages", partitions=16)
+async with db.shard_for(room) as conn, conn.transaction():
+    await conn.insert("messages", {...})
+    await bus.emit(conn, "chat.messages", room, {"text": "hi"})
 
-    @bus.consumer("chat.messages", group="fanout")
-    async def fan_out(delivery): ...
+@bus.consumer("chat.messages", group="fanout")
+async def fan_out(delivery): ...
 
-    @bus.consumer("wallet.debited", group="credit", shard_writes=True)
-    async def credit(event, conn): ...        # runs once per event id, in conn's transaction
+@bus.consumer("wallet.debited", group="credit", shard_writes=True)
+async def credit(event, conn): ...        # runs once per event id, in conn's transaction
 
-    await bus.start()   # relays (one per shard) + consumers
-    await bus.stop()    # stop consumers, drain the outbox, stop relays
+await bus.start()   # relays (one per shard) + consumers
+await bus.stop()    # stop consumers, drain the outbox, stop relays
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tenfold.data.base import Connection
-from tenfold.errors import TopicError
+from tenfold.errors import BrokerUnavailable, TenfoldError, TopicError
 from tenfold.events import outbox
 from tenfold.events.base import (
     Delivery,
@@ -89,6 +90,7 @@ class EventBus:
         self.topics: dict[str, TopicSpec] = {}
         self.consumers: list[ConsumerSpec] = []
         self.relays: list[OutboxRelay] = []
+        self._relay_of: dict[str, OutboxRelay] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stops: list[Callable[[], Awaitable[None]]] = []
         self._started = False
@@ -118,6 +120,11 @@ class EventBus:
         """Write an event to `conn`'s outbox in its open transaction; return the event id."""
         event_id = await outbox.emit(conn, self.spec(topic), key, payload, headers)
         metrics.events_emitted.labels(topic).inc()
+        relay = self._relay_of.get(conn.shard)
+        if relay is not None:
+            # Without NOTIFY (SQLite) the local relay would only see the row at
+            # its next poll: wake it when the transaction commits.
+            conn.after_commit(relay.wake)
         return event_id
 
     def consumer(
@@ -142,7 +149,9 @@ class EventBus:
         def register(fn: Any) -> Any:
             handler: Handler = self._exactly_once(group, fn) if shard_writes else fn
             self.consumers.append(
-                ConsumerSpec(topic, group, handler, retry or self.default_policy, start or StartPosition())
+                ConsumerSpec(
+                    topic, group, handler, retry or self.default_policy, start or StartPosition()
+                )
             )
             return fn
 
@@ -161,30 +170,94 @@ class EventBus:
         return handle
 
     async def start(self, *, relays: bool = True, consumers: bool = True) -> None:
-        """Connect, create topics, start one relay per shard and every consumer."""
-        await self.backend.start()
-        for spec in self.topics.values():
-            await self.backend.ensure_topic(spec)
+        """Start one relay per shard and every consumer.
+
+        A broker that is down at start-up does not stop the app: emits commit to
+        the outbox, relays back off until it answers, consumers attach when it does.
+        """
+        try:
+            await self.backend.start()
+            for spec in self.topics.values():
+                await self.backend.ensure_topic(spec)
+        except BrokerUnavailable as exc:
+            log.warning("starting without the broker, will retry: %s", exc)
         s = self.settings
         if relays:
             for shard in self.db.shard_names:
                 relay = OutboxRelay(
-                    self.db, shard, self.backend, self.topics,
-                    batch_size=s.relay_batch_size, poll_interval_s=s.relay_poll_interval_s,
-                    lease_s=s.relay_lease_s, retention_s=s.outbox_retention_s,
+                    self.db,
+                    shard,
+                    self.backend,
+                    self.topics,
+                    batch_size=s.relay_batch_size,
+                    poll_interval_s=s.relay_poll_interval_s,
+                    lease_s=s.relay_lease_s,
+                    retention_s=s.outbox_retention_s,
                 )
                 self.relays.append(relay)
+                self._relay_of[shard] = relay
                 self._tasks.append(asyncio.create_task(relay.run(), name=f"relay:{shard}"))
         if consumers:
             for c in self.consumers:
-                stop = await self.backend.consume(
-                    self.topics[c.topic], c.group, c.handler, c.policy, c.start
-                )
-                self._stops.append(stop)
+                self._tasks.append(asyncio.create_task(self._attach(c), name=f"consumer:{c.group}"))
+        self._tasks.append(asyncio.create_task(self._metrics_loop(10.0), name="metrics"))
         self._started = True
+
+    async def _attach(self, c: ConsumerSpec) -> None:
+        failures = 0
+        while True:
+            try:
+                await self.backend.start()
+                await self.backend.ensure_topic(self.topics[c.topic])
+                self._stops.append(
+                    await self.backend.consume(
+                        self.topics[c.topic], c.group, c.handler, c.policy, c.start
+                    )
+                )
+                return
+            except BrokerUnavailable as exc:
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures) * (0.5 + random.random() / 2)
+                log.warning(
+                    "consumer %s/%s waiting for the broker (%s); retry in %.1fs",
+                    c.topic,
+                    c.group,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def refresh_metrics(self) -> None:
+        """Update the lag, DLQ and outbox-backlog gauges from the broker and the shards."""
+        for spec in self.topics.values():
+            status = await self.backend.topic_status(spec)
+            metrics.dlq_size.labels(spec.name).set(status.dlq_size)
+            for c in self.consumers:
+                if c.topic == spec.name:
+                    lag = await self.backend.group_status(spec, c.group)
+                    metrics.consumer_lag.labels(spec.name, c.group).set(lag.lag)
+        for relay in self.relays:
+            metrics.outbox_pending.labels(relay.shard).set(await relay.pending())
+
+    async def _metrics_loop(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.refresh_metrics()
+            except TenfoldError as exc:
+                log.debug("metrics refresh failed: %s", exc)
+
+    async def wait_attached(self, timeout_s: float = 10.0) -> None:
+        """Wait until every consumer is attached to the broker (tests, start-up probes)."""
+        async with asyncio.timeout(timeout_s):
+            while len(self._stops) < len(self.consumers):  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.01)
 
     async def stop(self, *, drain_timeout_s: float = 5.0) -> None:
         """Stop consumers, publish what the outbox still holds, stop relays, disconnect."""
+        for task in self._tasks:
+            if not task.get_name().startswith("relay:"):  # relays stop below, after consumers
+                task.cancel()
         for stop in self._stops:
             await stop()
         self._stops.clear()
@@ -200,6 +273,7 @@ class EventBus:
             except Exception as exc:  # shutdown must finish; the rows stay pending
                 log.warning("could not drain the outbox of %s: %s", relay.shard, exc)
         self.relays.clear()
+        self._relay_of.clear()
         await self.backend.close()
         self._started = False
 

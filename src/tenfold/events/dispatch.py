@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from tenfold.errors import BrokerUnavailable, ShardTimeout, ShardUnavailable
 from tenfold.events.base import Delivery, Handler, RetryPolicy
 from tenfold.observe import metrics
 
@@ -29,6 +30,7 @@ class Outcome:
 
 
 ACK = Outcome("ack")
+_INFRASTRUCTURE = (ShardUnavailable, ShardTimeout, BrokerUnavailable)
 
 
 async def deliver(
@@ -37,26 +39,52 @@ async def deliver(
     """Run `handler` on `delivery` (bounded by `timeout_s`) and decide what follows."""
     topic = delivery.event.topic
     start = time.perf_counter()
+    bound = asyncio.timeout(timeout_s)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with bound:
             await handler(delivery)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, TimeoutError) else (
-            f"handler timed out after {timeout_s:g} s"
-        )
+        if isinstance(exc, TimeoutError) and bound.expired():
+            error = f"handler timed out after {timeout_s:g} s"
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, _INFRASTRUCTURE):
+            # A shard or broker outage is not a poison event: retry (bounded
+            # backoff) without spending attempts, so an outage never dead-letters
+            # events whose effects would then be lost.
+            delay = policy.backoff_s(min(delivery.attempt, 8))
+            log.warning(
+                "%s/%s: event %s waits for %s; retrying in %.2fs",
+                topic,
+                group,
+                delivery.event.id,
+                error,
+                delay,
+            )
+            metrics.events_handled.labels(topic, group, "retry").inc()
+            return Outcome("retry", delay_s=delay, error=error)
         if policy.gives_up(delivery.attempt):
             log.error(
                 "%s/%s: event %s dead-lettered after %d attempts: %s",
-                topic, group, delivery.event.id, delivery.attempt, error,
+                topic,
+                group,
+                delivery.event.id,
+                delivery.attempt,
+                error,
             )
             metrics.events_handled.labels(topic, group, "dead_letter").inc()
             return Outcome("dead", error=error)
         delay = policy.backoff_s(delivery.attempt)
         log.warning(
             "%s/%s: event %s attempt %d failed (%s); retrying in %.2fs",
-            topic, group, delivery.event.id, delivery.attempt, error, delay,
+            topic,
+            group,
+            delivery.event.id,
+            delivery.attempt,
+            error,
+            delay,
         )
         metrics.events_handled.labels(topic, group, "retry").inc()
         return Outcome("retry", delay_s=delay, error=error)

@@ -99,6 +99,7 @@ class MemoryStreams(StreamBackend):
         topic = self._topics.get(spec.name)
         if topic is None:
             raise TopicError(f"topic {spec.name} does not exist yet: ensure_topic() it first")
+        self._trim(topic, self._clock())  # age retention applies without new publishes too
         return topic
 
     async def ensure_topic(self, spec: TopicSpec) -> None:
@@ -143,14 +144,24 @@ class MemoryStreams(StreamBackend):
             part = min((p for p in topic.partitions if p.entries), key=lambda p: p.entries[0].seq)
             topic.bytes -= len(part.entries.pop(0).event.payload)
             part.first += 1
-        if len(topic.seen) > 10_000:
-            topic.seen = {k: v for k, v in topic.seen.items() if v > now}
+        # Expiries are insertion-ordered (one window per topic): drop from the front.
+        while topic.seen:
+            first = next(iter(topic.seen))
+            if topic.seen[first] > now:
+                break
+            del topic.seen[first]
 
     def _start_index(self, part: _Partition, start: StartPosition) -> int:
         if start.sequence is not None:
-            return next((part.first + i for i, e in enumerate(part.entries) if e.seq >= start.sequence), part.end)
+            return next(
+                (part.first + i for i, e in enumerate(part.entries) if e.seq >= start.sequence),
+                part.end,
+            )
         if start.time_s is not None:
-            return next((part.first + i for i, e in enumerate(part.entries) if e.stored_at >= start.time_s), part.end)
+            return next(
+                (part.first + i for i, e in enumerate(part.entries) if e.stored_at >= start.time_s),
+                part.end,
+            )
         return part.first if start.everything else part.end
 
     async def consume(
@@ -181,7 +192,12 @@ class MemoryStreams(StreamBackend):
         return stop
 
     async def _work(
-        self, topic: _Topic, group: str, p: int, handler: Handler, policy: RetryPolicy,
+        self,
+        topic: _Topic,
+        group: str,
+        p: int,
+        handler: Handler,
+        policy: RetryPolicy,
         stopping: asyncio.Event,
     ) -> None:
         part = topic.partitions[p]
@@ -192,10 +208,10 @@ class MemoryStreams(StreamBackend):
                 index = max(cursor[p], part.first)
                 if index < part.end:
                     entry = part.get(index)
-                    if await self._handle(topic, group, p, entry, handler, policy, stopping):
-                        # A reset_group meanwhile replaced the list: the reset wins.
-                        if cursor is topic.groups[group]:
-                            cursor[p] = index + 1
+                    done = await self._handle(topic, group, p, entry, handler, policy, stopping)
+                    # A reset_group meanwhile replaced the list: the reset wins.
+                    if done and cursor is topic.groups[group]:
+                        cursor[p] = index + 1
                     continue
             async with topic.changed:
                 await topic.changed.wait_for(
@@ -203,8 +219,14 @@ class MemoryStreams(StreamBackend):
                 )
 
     async def _handle(
-        self, topic: _Topic, group: str, p: int, entry: _Entry, handler: Handler,
-        policy: RetryPolicy, stopping: asyncio.Event,
+        self,
+        topic: _Topic,
+        group: str,
+        p: int,
+        entry: _Entry,
+        handler: Handler,
+        policy: RetryPolicy,
+        stopping: asyncio.Event,
     ) -> bool:
         """Deliver until acked or dead-lettered (True), or until stopped (False)."""
         attempt = 1
@@ -212,7 +234,10 @@ class MemoryStreams(StreamBackend):
         try:
             while not stopping.is_set():
                 outcome = await deliver(
-                    handler, Delivery(entry.event, attempt, p, entry.seq), policy, group,
+                    handler,
+                    Delivery(entry.event, attempt, p, entry.seq),
+                    policy,
+                    group,
                     self.handler_timeout_s,
                 )
                 if outcome.action == "retry":
@@ -251,6 +276,12 @@ class MemoryStreams(StreamBackend):
             raise TopicError(f"no consumer group {group!r} on topic {spec.name}")
         lag = sum(p.end - max(c, p.first) for p, c in zip(topic.partitions, cursor, strict=True))
         return GroupStatus(spec.name, group, lag, topic.in_flight.get(group, 0))
+
+    async def topics(self) -> list[TopicSpec]:
+        return [t.spec for _, t in sorted(self._topics.items())]
+
+    async def groups(self, spec: TopicSpec) -> list[str]:
+        return sorted(self._topic(spec).groups)
 
     async def dead_letters(self, spec: TopicSpec, limit: int = 100) -> list[DeadLetter]:
         return [self._topic(spec).dlq[s] for s in sorted(self._topic(spec).dlq)[:limit]]

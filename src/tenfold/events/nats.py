@@ -6,8 +6,10 @@
                             max_ack_pending=1 (strict order), explicit ack
 
 The event id travels as `Nats-Msg-Id` (the stream de-duplicates within its
-duplicate window) and in `Tf-Event-Id`. Durability: JetStream acknowledges a
-write before it reaches disk unless the server runs with
+duplicate window); slot, time and key share one `Tf-Meta` header.
+
+Durability: JetStream acknowledges a write before it reaches disk unless the
+server runs with
 `jetstream { sync_interval: always }`; the local stack and the fault tests do,
 and docs/events.md says what production needs.
 """
@@ -15,12 +17,14 @@ and docs/events.md says what production needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote, unquote
 
 from tenfold.config import redact_url
 from tenfold.errors import BrokerUnavailable, MissingDependency, TopicError
@@ -62,13 +66,15 @@ def dlq_stream_name(topic: str) -> str:
 
 
 def _headers(event: Event) -> dict[str, str]:
+    # Two headers, not five: nats-py encodes each one, and per-header cost was
+    # a fifth of the relay's publish time (benchmarks/relay_publish.py).
     headers = {
         "Nats-Msg-Id": event.dedup_id,
-        "Tf-Event-Id": event.id,
-        "Tf-Key": event.key,
-        "Tf-Slot": str(event.slot),
-        "Tf-Created": repr(event.created_at),
+        # The key is quoted: header values cannot hold line breaks, and keys may.
+        "Tf-Meta": f"{event.slot} {event.created_at!r} {quote(event.key, safe='')}",
     }
+    if event.msg_id and event.msg_id != event.id:
+        headers["Tf-Event-Id"] = event.id
     for name, value in event.headers.items():
         headers[_APP + name] = value
     return headers
@@ -76,14 +82,15 @@ def _headers(event: Event) -> dict[str, str]:
 
 def _event(topic: str, data: bytes, headers: dict[str, str] | None) -> Event:
     h = headers or {}
+    slot, created, key = (h.get("Tf-Meta") or "0 0 ").split(" ", 2)
     return Event(
-        id=h.get("Tf-Event-Id", ""),
+        id=h.get("Tf-Event-Id") or h.get("Nats-Msg-Id", ""),
         topic=topic,
-        key=h.get("Tf-Key", ""),
-        slot=int(h.get("Tf-Slot", "0")),
+        key=unquote(key),
+        slot=int(slot),
         payload=bytes(data),
-        created_at=float(h.get("Tf-Created", "0")),
-        headers={k[len(_APP):]: v for k, v in h.items() if k.startswith(_APP)},
+        created_at=float(created),
+        headers={k[len(_APP) :]: v for k, v in h.items() if k.startswith(_APP)},
     )
 
 
@@ -108,20 +115,25 @@ class NatsStreams(StreamBackend):
         self.fetch_wait_s = fetch_wait_s
         self._nc: Any = None
         self._js: Any = None
+        self._closing = False
 
     async def start(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
             return
+        self._closing = False
         try:
-            self._nc = await nats.connect(
-                self.url,
-                connect_timeout=self.connect_timeout_s,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnect,
-            )
+            # nats-py retries the first connect forever when reconnects are
+            # unbounded, so the first connect gets its own bound.
+            async with asyncio.timeout(self.connect_timeout_s * 2):
+                self._nc = await nats.connect(
+                    self.url,
+                    connect_timeout=self.connect_timeout_s,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnect,
+                )
         except (*_BROKER_ERRORS, nats.errors.NoServersError) as exc:
             raise BrokerUnavailable(self.safe_url, f"cannot connect: {exc!r}") from exc
         self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
@@ -130,10 +142,12 @@ class NatsStreams(StreamBackend):
         log.debug("nats %s: %s", self.safe_url, exc)
 
     async def _on_disconnect(self) -> None:
-        log.warning("nats %s: disconnected, reconnecting", self.safe_url)
+        if not self._closing:
+            log.warning("nats %s: disconnected, reconnecting", self.safe_url)
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
+        self._closing = True
         if nc is not None and not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), self.connect_timeout_s)
@@ -155,8 +169,9 @@ class NatsStreams(StreamBackend):
             max_age=spec.max_age_s,
             max_bytes=spec.max_bytes,
             max_msg_size=spec.max_event_bytes + 4096,
-            duplicate_window=spec.duplicate_window_s,
-            description=f"tenfold topic {spec.name}, {spec.partitions} partitions",
+            # JetStream refuses a duplicate window longer than max_age.
+            duplicate_window=min(spec.duplicate_window_s, spec.max_age_s),
+            description=f"tenfold topic {spec.name}; partitions={spec.partitions}",
         )
         dlq = api.StreamConfig(
             name=dlq_stream_name(spec.name),
@@ -164,6 +179,24 @@ class NatsStreams(StreamBackend):
             storage=api.StorageType.FILE,
             max_age=max(spec.max_age_s, 14 * 24 * 3600.0),
         )
+        try:
+            existing = await js.stream_info(stream.name)
+        except nats.js.errors.NotFoundError:
+            existing = None
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(
+                self.safe_url, f"cannot read stream {stream.name}: {exc!r}"
+            ) from exc
+        if existing is not None:
+            desc = existing.config.description or ""
+            had = (
+                desc.rsplit("partitions=", 1)[1] if "partitions=" in desc else str(spec.partitions)
+            )
+            if had != str(spec.partitions):
+                raise TopicError(
+                    f"topic {spec.name} has {had} partitions, asked for {spec.partitions}: "
+                    "changing the count would reorder keys; create a new topic"
+                )
         for config in (stream, dlq):
             try:
                 try:
@@ -171,21 +204,31 @@ class NatsStreams(StreamBackend):
                 except nats.js.errors.BadRequestError:
                     await js.update_stream(config)  # exists with other limits: take ours
             except _BROKER_ERRORS as exc:
-                raise BrokerUnavailable(self.safe_url, f"cannot create stream {config.name}: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    self.safe_url, f"cannot create stream {config.name}: {exc!r}"
+                ) from exc
 
     async def publish(self, spec: TopicSpec, events: list[Event]) -> None:
         js = self._jetstream()
+        futures: list[asyncio.Future[Any]] = []
         try:
-            futures = [
-                await js.publish_async(
-                    f"tf.{spec.name}.{spec.partition_of(e.slot)}", e.payload, headers=_headers(e)
+            for e in events:
+                futures.append(
+                    await js.publish_async(
+                        f"tf.{spec.name}.{spec.partition_of(e.slot)}",
+                        e.payload,
+                        headers=_headers(e),
+                    )
                 )
-                for e in events
-            ]
             async with asyncio.timeout(self.publish_timeout_s):
                 acks = await asyncio.gather(*futures)
         except _BROKER_ERRORS as exc:
-            raise BrokerUnavailable(self.safe_url, f"publish to {spec.name} failed: {exc!r}") from exc
+            # Unfinished futures hold slots of nats-py's bounded pending-publish set.
+            for future in futures:
+                future.cancel()
+            raise BrokerUnavailable(
+                self.safe_url, f"publish to {spec.name} failed: {exc!r}"
+            ) from exc
         for ack in acks:
             if getattr(ack, "stream", None) != stream_name(spec.name):
                 raise BrokerUnavailable(self.safe_url, f"unexpected ack {ack!r} for {spec.name}")
@@ -211,10 +254,8 @@ class NatsStreams(StreamBackend):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             for sub in subs:
-                try:
+                with contextlib.suppress(*_BROKER_ERRORS):
                     await sub.unsubscribe()
-                except _BROKER_ERRORS:
-                    pass
 
         return stop
 
@@ -255,8 +296,14 @@ class NatsStreams(StreamBackend):
             ) from exc
 
     async def _work(
-        self, spec: TopicSpec, group: str, p: int, sub: Any, handler: Handler,
-        policy: RetryPolicy, stopping: asyncio.Event,
+        self,
+        spec: TopicSpec,
+        group: str,
+        p: int,
+        sub: Any,
+        handler: Handler,
+        policy: RetryPolicy,
+        stopping: asyncio.Event,
     ) -> None:
         failures = 0
         while not stopping.is_set():
@@ -267,8 +314,14 @@ class NatsStreams(StreamBackend):
             except _BROKER_ERRORS as exc:
                 failures += 1
                 delay = min(5.0, 0.05 * 2**failures) * (0.5 + random.random() / 2)
-                log.warning("%s/%s[%d]: fetch failed (%r); retrying in %.2fs",
-                            spec.name, group, p, exc, delay)
+                log.warning(
+                    "%s/%s[%d]: fetch failed (%r); retrying in %.2fs",
+                    spec.name,
+                    group,
+                    p,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             failures = 0
@@ -281,25 +334,45 @@ class NatsStreams(StreamBackend):
         meta = msg.metadata
         event = _event(spec.name, msg.data, msg.headers)
         delivery = Delivery(event, int(meta.num_delivered), p, int(meta.sequence.stream))
-        outcome = await deliver(handler, delivery, policy, group, self.handler_timeout_s)
+        try:
+            outcome = await deliver(handler, delivery, policy, group, self.handler_timeout_s)
+        except asyncio.CancelledError:
+            # Stopping mid-handler: hand the event back now instead of after ack_wait.
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await asyncio.shield(msg.nak())
+            raise
         try:
             if outcome.action == "retry":
                 await msg.nak(delay=outcome.delay_s)
                 return
             if outcome.action == "dead":
-                headers = {**_headers(event), "Tf-Error": outcome.error[:2000],
-                           "Tf-Attempts": str(delivery.attempt), "Tf-Group": group,
-                           "Tf-Failed-At": repr(time.time()), "Tf-Sequence": str(delivery.sequence)}
-                headers.pop("Nats-Msg-Id")
+                headers = {
+                    **_headers(event),
+                    "Tf-Error": outcome.error[:2000],
+                    "Tf-Attempts": str(delivery.attempt),
+                    "Tf-Group": group,
+                    "Tf-Failed-At": repr(time.time()),
+                    "Tf-Sequence": str(delivery.sequence),
+                }
+                # Its own dedup id: a redelivery after a lost ack does not dead-letter twice.
+                headers["Nats-Msg-Id"] = f"{event.id}.dlq.{group}"
+                headers["Tf-Event-Id"] = event.id
                 await self._jetstream().publish(
-                    f"tfdlq.{spec.name}.{group}", event.payload, headers=headers,
+                    f"tfdlq.{spec.name}.{group}",
+                    event.payload,
+                    headers=headers,
                     stream=dlq_stream_name(spec.name),
                 )
             await msg.ack()
         except _BROKER_ERRORS as exc:
             # Not acked: the broker redelivers after ack_wait; an inbox makes that harmless.
-            log.warning("%s/%s[%d]: ack failed (%r); the event will be redelivered",
-                        spec.name, group, p, exc)
+            log.warning(
+                "%s/%s[%d]: ack failed (%r); the event will be redelivered",
+                spec.name,
+                group,
+                p,
+                exc,
+            )
 
     async def reset_group(self, spec: TopicSpec, group: str, start: StartPosition) -> None:
         js = self._jetstream()
@@ -311,7 +384,9 @@ class NatsStreams(StreamBackend):
             except _BROKER_ERRORS as exc:
                 raise BrokerUnavailable(self.safe_url, f"cannot reset {group}: {exc!r}") from exc
             try:
-                await js.add_consumer(stream_name(spec.name), self._consumer_config(spec, group, p, start))
+                await js.add_consumer(
+                    stream_name(spec.name), self._consumer_config(spec, group, p, start)
+                )
             except _BROKER_ERRORS as exc:
                 raise BrokerUnavailable(self.safe_url, f"cannot reset {group}: {exc!r}") from exc
 
@@ -325,7 +400,11 @@ class NatsStreams(StreamBackend):
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
         return TopicStatus(
-            spec.name, info.state.messages, info.state.bytes, info.state.last_seq, dlq.state.messages
+            spec.name,
+            info.state.messages,
+            info.state.bytes,
+            info.state.last_seq,
+            dlq.state.messages,
         )
 
     async def group_status(self, spec: TopicSpec, group: str) -> GroupStatus:
@@ -342,6 +421,38 @@ class NatsStreams(StreamBackend):
             raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
         return GroupStatus(spec.name, group, lag, in_flight)
 
+    async def topics(self) -> list[TopicSpec]:
+        js = self._jetstream()
+        found = []
+        try:
+            for info in await js.streams_info():
+                desc = info.config.description or ""
+                if not info.config.name.startswith("TF_") or "partitions=" not in desc:
+                    continue
+                name = desc.removeprefix("tenfold topic ").split(";", 1)[0]
+                partitions = int(desc.rsplit("partitions=", 1)[1])
+                found.append(
+                    TopicSpec(
+                        name,
+                        partitions=partitions,
+                        max_age_s=info.config.max_age or 7 * 24 * 3600.0,
+                        max_bytes=info.config.max_bytes or -1,
+                    )
+                )
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
+        return sorted(found, key=lambda t: t.name)
+
+    async def groups(self, spec: TopicSpec) -> list[str]:
+        js = self._jetstream()
+        try:
+            infos = await js.consumers_info(stream_name(spec.name))
+        except nats.js.errors.NotFoundError:
+            return []
+        except _BROKER_ERRORS as exc:
+            raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
+        return sorted({c.name.rsplit("_p", 1)[0] for c in infos if c.name and "_p" in c.name})
+
     async def dead_letters(self, spec: TopicSpec, limit: int = 100) -> list[DeadLetter]:
         js = self._jetstream()
         out: list[DeadLetter] = []
@@ -349,15 +460,27 @@ class NatsStreams(StreamBackend):
         try:
             while len(out) < limit:
                 try:
-                    raw = await js.get_msg(dlq_stream_name(spec.name), seq=seq, next=True)
+                    # next_by_subj needs a subject; without one the server looks up `seq`
+                    # exactly, and the first dropped letter would hide every later one.
+                    raw = await js.get_msg(
+                        dlq_stream_name(spec.name),
+                        seq=seq,
+                        subject=f"tfdlq.{spec.name}.*",
+                        next=True,
+                    )
                 except nats.js.errors.NotFoundError:
                     break
                 h = raw.headers or {}
-                out.append(DeadLetter(
-                    raw.seq, _event(spec.name, raw.data or b"", h), h.get("Tf-Group", ""),
-                    h.get("Tf-Error", ""), int(h.get("Tf-Attempts", "0")),
-                    float(h.get("Tf-Failed-At", "0")),
-                ))
+                out.append(
+                    DeadLetter(
+                        raw.seq,
+                        _event(spec.name, raw.data or b"", h),
+                        h.get("Tf-Group", ""),
+                        h.get("Tf-Error", ""),
+                        int(h.get("Tf-Attempts", "0")),
+                        float(h.get("Tf-Failed-At", "0")),
+                    )
+                )
                 seq = raw.seq + 1
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
@@ -368,5 +491,9 @@ class NatsStreams(StreamBackend):
             return bool(await self._jetstream().delete_msg(dlq_stream_name(spec.name), sequence))
         except nats.js.errors.NotFoundError:
             return False
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == 10057:  # JSStreamMsgDeleteFailed: no such (or a dropped) letter
+                return False
+            raise BrokerUnavailable(self.safe_url, repr(exc)) from exc
         except _BROKER_ERRORS as exc:
             raise BrokerUnavailable(self.safe_url, repr(exc)) from exc

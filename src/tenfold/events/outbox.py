@@ -9,6 +9,7 @@ caller's write instead of being discovered by the relay.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ _INSERT = (
     "INSERT INTO tenfold_outbox (event_id, topic, event_key, slot, payload, headers, created_at) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7)"
 )
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token, as NATS wants
 PENDING = (
     "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at "
     "FROM tenfold_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
@@ -77,6 +79,16 @@ async def emit(
         )
     slot = slot_of(key)
     body = encode_payload(spec.name, payload)
+    for name, value in (headers or {}).items():
+        # Checked here, not by the broker: a header NATS refuses would stall the relay.
+        if not (isinstance(name, str) and _HEADER_NAME.fullmatch(name)) or not (
+            isinstance(value, str) and "\r" not in value and "\n" not in value
+        ):
+            raise PayloadError(
+                spec.name,
+                f"header {name!r}: {value!r} is invalid (names are letters, digits and "
+                "!#$%&'*+-.^_`|~; values are text without line breaks)",
+            )
     header_text = orjson.dumps(dict(headers)).decode() if headers else None
     size = len(body) + (len(header_text) if header_text else 0)
     if size > spec.max_event_bytes:

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tenfold.errors import DataError, EventError
+from tenfold.errors import DataError
 from tenfold.events.base import Event, StreamBackend, TopicSpec
 from tenfold.events.outbox import PENDING, event_of_row
 from tenfold.observe import metrics
@@ -101,13 +102,16 @@ class OutboxRelay:
             won = await conn.execute(
                 "UPDATE tenfold_relay_lease SET owner = $1, expires_at = $2 "
                 "WHERE name = 'outbox' AND (owner = $1 OR expires_at < $3)",
-                self.owner, until, now,
+                self.owner,
+                until,
+                now,
             )
             if not won:
                 won = await conn.execute(
                     "INSERT INTO tenfold_relay_lease (name, owner, expires_at) "
                     "VALUES ('outbox', $1, $2) ON CONFLICT (name) DO NOTHING",
-                    self.owner, until,
+                    self.owner,
+                    until,
                 )
         self._lease_until = until if won else 0.0
         return bool(won)
@@ -127,6 +131,7 @@ class OutboxRelay:
             rows = await conn.fetch(PENDING, self.batch_size)
         if not rows:
             return 0
+        await self.backend.start()  # no-op when connected; reconnects after an outage
         events = [event_of_row(r) for r in rows]
         by_topic: dict[str, list[Event]] = {}
         for event in events:
@@ -143,7 +148,8 @@ class OutboxRelay:
         async with self.db.shard(self.shard) as conn:
             await conn.execute(
                 f"UPDATE tenfold_outbox SET published_at = $1 WHERE seq IN ({marks})",
-                self._clock(), *padded,
+                self._clock(),
+                *padded,
             )
         self.published += len(rows)
         metrics.outbox_published.labels(shard=self.shard).inc(len(rows))
@@ -152,16 +158,22 @@ class OutboxRelay:
     async def prune(self) -> int:
         """Delete published rows older than the retention; return how many."""
         async with self.db.shard(self.shard) as conn:
-            return int(await conn.execute(
-                "DELETE FROM tenfold_outbox WHERE published_at IS NOT NULL AND published_at < $1",
-                self._clock() - self.retention_s,
-            ))
+            return int(
+                await conn.execute(
+                    "DELETE FROM tenfold_outbox "
+                    "WHERE published_at IS NOT NULL AND published_at < $1",
+                    self._clock() - self.retention_s,
+                )
+            )
 
     async def pending(self) -> int:
         async with self.db.shard(self.shard) as conn:
-            return int(await conn.fetchval(
-                "SELECT COUNT(*) FROM tenfold_outbox WHERE published_at IS NULL"
-            ) or 0)
+            return int(
+                await conn.fetchval(
+                    "SELECT COUNT(*) FROM tenfold_outbox WHERE published_at IS NULL"
+                )
+                or 0
+            )
 
     # -- the loop -----------------------------------------------------------
 
@@ -182,13 +194,15 @@ class OutboxRelay:
                     await self.prune()
                 if count < self.batch_size:
                     await self._sleep(self.poll_interval_s)
-            except (EventError, DataError) as exc:
+            except Exception as exc:  # the relay must outlive any one failure
                 failures += 1
                 delay = min(self.max_backoff_s, 0.05 * 2**failures) * (0.5 + random.random() / 2)
                 log.warning("relay %s: %s; retrying in %.2fs", self.shard, exc, delay)
                 metrics.relay_failures.labels(shard=self.shard).inc()
                 await self._sleep(delay)
         await self._drop_listener()
+        with contextlib.suppress(DataError):
+            await self.release_lease()  # so a standby takes over now, not after lease_s
 
     async def drain(self, timeout_s: float = 10.0) -> int:
         """Publish until the outbox is empty (for shutdown); return how many were published."""

@@ -16,11 +16,15 @@ events_emitted = Counter(
     "tenfold_events_emitted_total", "Events written to an outbox.", ["topic"], registry=REGISTRY
 )
 outbox_published = Counter(
-    "tenfold_outbox_published_total", "Outbox rows published by the relay.", ["shard"],
+    "tenfold_outbox_published_total",
+    "Outbox rows published by the relay.",
+    ["shard"],
     registry=REGISTRY,
 )
 relay_failures = Counter(
-    "tenfold_relay_failures_total", "Relay passes that failed (broker or shard).", ["shard"],
+    "tenfold_relay_failures_total",
+    "Relay passes that failed (broker or shard).",
+    ["shard"],
     registry=REGISTRY,
 )
 outbox_pending = Gauge(
@@ -33,11 +37,17 @@ events_handled = Counter(
     registry=REGISTRY,
 )
 handler_seconds = Histogram(
-    "tenfold_event_handler_seconds", "Time in event handlers.", ["topic", "group"],
+    "tenfold_event_handler_seconds",
+    "Time in event handlers.",
+    ["topic", "group"],
     registry=REGISTRY,
 )
 consumer_lag = Gauge(
-    "tenfold_consumer_lag", "Events not yet handled by a group.", ["topic", "group"],
+    "tenfold_consumer_lag",
+    "Events not yet handled by a group.",
+    ["topic", "group"],
     registry=REGISTRY,
 )
-dlq_size = Gauge("tenfold_dlq_size", "Events in a topic's dead-letter queue.", ["topic"], registry=REGISTRY)
+dlq_size = Gauge(
+    "tenfold_dlq_size", "Events in a topic's dead-letter queue.", ["topic"], registry=REGISTRY
+)

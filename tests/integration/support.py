@@ -1,0 +1,51 @@
+"""Small helpers shared by the integration tests (not fixtures: see tests/conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+from tenfold import ShardedDatabase
+from tenfold.config import Settings, ShardSpec
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (`clock.now += 5`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.asynccontextmanager
+async def opened(
+    settings: Settings, clock: FakeClock | None = None
+) -> AsyncIterator[ShardedDatabase]:
+    """An open `ShardedDatabase` on `settings`, closed when the block ends."""
+    db = ShardedDatabase(settings, **({"clock": clock} if clock is not None else {}))
+    await db.open()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def key_on(db: ShardedDatabase, shard: str, prefix: str = "k") -> str:
+    """The first key `{prefix}{i}` that the current topology routes to `shard`."""
+    return next(
+        f"{prefix}{i}" for i in range(1_000_000) if db.shard_name_for(f"{prefix}{i}") == shard
+    )
+
+
+def free_port() -> int:
+    """A local TCP port with nothing listening on it (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_shards(settings: Settings, shards: list[ShardSpec]) -> Settings:
+    return settings.model_copy(update={"shards": shards})
