@@ -19,7 +19,6 @@ import pytest
 
 from tenfold import ShardedDatabase
 from tenfold.config import Settings, ShardSpec
-
 from tests import services
 
 _SERVICES: dict[str, services.Service] = {}
@@ -90,7 +89,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     parts = []
     for svc in _SERVICES.values():
-        parts.append(f"{svc.name}: {svc.how}" if svc.url else f"{svc.name}: SKIPPED ({svc.problem})")
+        parts.append(
+            f"{svc.name}: {svc.how}" if svc.url else f"{svc.name}: SKIPPED ({svc.problem})"
+        )
     terminalreporter.write_line("services: " + "; ".join(parts))
 
 
@@ -155,7 +156,9 @@ def make_settings(
 
 
 @pytest.fixture
-async def make_db(make_settings: MakeSettings) -> AsyncIterator[Callable[..., Awaitable[ShardedDatabase]]]:
+async def make_db(
+    make_settings: MakeSettings,
+) -> AsyncIterator[Callable[..., Awaitable[ShardedDatabase]]]:
     """`await make_db(shards=4, replicas=0, migrate=True, **overrides)` → an open database."""
     opened: list[ShardedDatabase] = []
 

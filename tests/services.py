@@ -87,12 +87,16 @@ def _start_postgres() -> Service:
     try:
         subprocess.run(
             [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-            check=True, capture_output=True, timeout=120,
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
         subprocess.run(
             [*as_user, pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
-            check=True, capture_output=True, timeout=120,
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     except (subprocess.SubprocessError, OSError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -100,7 +104,9 @@ def _start_postgres() -> Service:
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     problem = asyncio.run(_pg_ok(url))
     service = Service(
-        "postgres", url if problem is None else None, f"started from {initdb} on port {port}",
+        "postgres",
+        url if problem is None else None,
+        f"started from {initdb} on port {port}",
         problem,
     )
     service._stop.append([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"])
@@ -207,7 +213,9 @@ def find_nats() -> tuple[Service, NatsServer | None]:
         with socket.socket() as s:
             host, port = url.split("//", 1)[1].rsplit(":", 1)
             if s.connect_ex((host, int(port))) == 0:
-                return Service("nats", url, f"reachable at {url} (could not start one: {exc})"), None
+                return Service(
+                    "nats", url, f"reachable at {url} (could not start one: {exc})"
+                ), None
         return Service("nats", problem=f"could not start one ({exc}) and none at {url}"), None
     service = Service("nats", server.url, f"started {server.binary} on port {server.port}")
     return service, server

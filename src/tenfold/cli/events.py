@@ -216,9 +216,16 @@ def dlq_show(
 
 
 def _selected(sequence: int | None, everything: bool) -> None:
-    if (sequence is None) == (not everything):
+    if (sequence is not None) != everything:  # exactly one of the two
         return
     raise fail("give one dead-letter SEQUENCE or --all, not both and not neither")
+
+
+async def _sequences(backend: StreamBackend, spec: TopicSpec, sequence: int | None) -> list[int]:
+    """The one dead letter asked for, or (for --all) every one in the DLQ."""
+    if sequence is not None:
+        return [sequence]
+    return [d.sequence for d in await backend.dead_letters(spec, 100_000)]
 
 
 @dlq.command("replay")
@@ -234,11 +241,7 @@ def dlq_replay(
 
     async def body(db: ShardedDatabase, backend: StreamBackend) -> list[int]:
         spec = await _topic(backend, topic)
-        seqs = (
-            [sequence]
-            if sequence is not None
-            else [d.sequence for d in await backend.dead_letters(spec, 100_000)]
-        )
+        seqs = await _sequences(backend, spec, sequence)
         for seq in seqs:
             await backend.replay_dead_letter(spec, seq)
         return seqs
@@ -262,11 +265,7 @@ def dlq_drop(
 
     async def body(db: ShardedDatabase, backend: StreamBackend) -> list[int]:
         spec = await _topic(backend, topic)
-        seqs = (
-            [sequence]
-            if sequence is not None
-            else [d.sequence for d in await backend.dead_letters(spec, 100_000)]
-        )
+        seqs = await _sequences(backend, spec, sequence)
         return [s for s in seqs if await backend.drop_dead_letter(spec, s)]
 
     done = _run(ctx, body)

@@ -131,7 +131,7 @@ class Connection(abc.ABC):
 
         Returns the `returning` column's value when given, else the row count.
         """
-        sql = insert_sql(table, ("slot", *row), returning)
+        sql = insert_sql(table, ("slot", *row), returning, shard=self.shard)
         args = (self._slot_for(table), *row.values())
         if returning:
             return await self.fetchval(sql, *args)
@@ -142,7 +142,7 @@ class Connection(abc.ABC):
         if not rows:
             return
         slot = self._slot_for(table)
-        sql = insert_sql(table, ("slot", *rows[0]), None)
+        sql = insert_sql(table, ("slot", *rows[0]), None, shard=self.shard)
         await self.executemany(sql, [(slot, *r.values()) for r in rows])
 
     def _slot_for(self, table: str) -> int:
@@ -222,25 +222,29 @@ def pool_from_url(name: str, url: str, options: PoolOptions | None = None) -> Po
     return _REGISTERED[scheme](name, url, options or PoolOptions())
 
 
-def check_identifier(name: str) -> str:
+def check_identifier(name: str, shard: str = "-") -> str:
     """`name` if it is a plain SQL identifier; refuse anything that could inject SQL."""
     if not _IDENT.match(name):
-        raise QueryError("-", f"{name!r} is not a plain SQL identifier (letters, digits, _)")
+        raise QueryError(
+            shard, f"{name!r} is not a plain SQL identifier (letters, digits, _); nothing was run"
+        )
     return name
 
 
 _insert_cache: dict[tuple[str, tuple[str, ...], str | None], str] = {}
 
 
-def insert_sql(table: str, columns: Sequence[str], returning: str | None) -> str:
+def insert_sql(
+    table: str, columns: Sequence[str], returning: str | None, *, shard: str = "-"
+) -> str:
     cache_key = (table, tuple(columns), returning)
     sql = _insert_cache.get(cache_key)
     if sql is None:
-        cols = ", ".join(check_identifier(c) for c in columns)
+        cols = ", ".join(check_identifier(c, shard) for c in columns)
         marks = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-        sql = f"INSERT INTO {check_identifier(table)} ({cols}) VALUES ({marks})"
+        sql = f"INSERT INTO {check_identifier(table, shard)} ({cols}) VALUES ({marks})"
         if returning:
-            sql += f" RETURNING {check_identifier(returning)}"
+            sql += f" RETURNING {check_identifier(returning, shard)}"
         if len(_insert_cache) < 4096:
             _insert_cache[cache_key] = sql
     return sql

@@ -8,6 +8,7 @@ is retried by the next acquire after its own bounded connect timeout.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -139,6 +140,16 @@ def _map_error(
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
+class _Waiter:
+    __slots__ = ("deadline", "done", "expired", "task")
+
+    def __init__(self, deadline: float, task: asyncio.Task[Any]) -> None:
+        self.deadline = deadline
+        self.task = task
+        self.done = False
+        self.expired = False
+
+
 class _Acquire:
     """`async with pool.acquire()`: a plain class, cheaper than a generator context."""
 
@@ -150,7 +161,6 @@ class _Acquire:
 
     async def __aenter__(self) -> PostgresConnection:
         self._raw = await self._pool._take()
-        self._pool._in_use += 1
         return PostgresConnection(self._pool, self._raw)
 
     async def __aexit__(self, *exc: object) -> None:
@@ -186,6 +196,8 @@ class PostgresPool(Pool):
         self._pool: Any = None
         self._lock = asyncio.Lock()
         self._in_use = 0
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def _get_pool(self) -> Any:
         if self._pool is not None:
@@ -228,16 +240,47 @@ class PostgresPool(Pool):
 
     async def _take(self) -> Any:
         pool = self._pool if self._pool is not None else await self._get_pool()
+        # Reserve before awaiting: with at most max_size reserved, a free holder
+        # is certain, so no timer is needed (asyncpg's acquire(timeout=) starts
+        # a task, get_idle_size() walks every holder: together ~10% of a short
+        # insert, see benchmarks/insert_routing.py). Connecting a holder is
+        # still bounded by the connect timeout.
+        self._in_use += 1
+        try:
+            return await self._acquire_raw(pool)
+        except BaseException:  # cancelled too: give the reservation back
+            self._in_use -= 1
+            raise
+
+    async def _acquire_raw(self, pool: Any) -> Any:
         opts = self.options
         try:
-            if pool.get_idle_size():
-                # An idle connection is handed over without waiting; asyncpg's
-                # acquire(timeout=) would start a timer task for nothing (see
-                # benchmarks/insert_routing.py). Reconnecting it is bounded by
-                # the connect timeout.
+            if self._in_use <= opts.max_size:
                 return await pool.acquire()
-            return await pool.acquire(timeout=opts.acquire_timeout_s)
-        except TimeoutError:
+            return await self._wait_in_line(pool)
+        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+            raise ShardUnavailable(self.name, self.safe_url, str(exc)) from exc
+
+    async def _wait_in_line(self, pool: Any) -> Any:
+        """Wait for a busy pool, bounded by `acquire_timeout_s`.
+
+        Every waiter of a saturated pool would otherwise start its own timer;
+        one watchdog per pool expires them instead (waiters queue FIFO with the
+        same timeout, so deadlines are in order).
+        """
+        opts = self.options
+        task = asyncio.current_task()
+        assert task is not None
+        waiter = _Waiter(asyncio.get_running_loop().time() + opts.acquire_timeout_s, task)
+        self._waiters.append(waiter)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._expire_waiters())
+        try:
+            return await pool.acquire()
+        except asyncio.CancelledError:
+            if not waiter.expired:
+                raise
+            task.uncancel()
             if pool.get_size() < opts.max_size:
                 raise ShardUnavailable(
                     self.name, self.safe_url, f"no connection within {opts.acquire_timeout_s:g} s"
@@ -245,8 +288,23 @@ class PostgresPool(Pool):
             raise ShardTimeout(
                 self.name, opts.acquire_timeout_s, f"acquiring one of {opts.max_size} connections"
             ) from None
-        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
-            raise ShardUnavailable(self.name, self.safe_url, str(exc)) from exc
+        finally:
+            waiter.done = True
+
+    async def _expire_waiters(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiters:
+            head = self._waiters[0]
+            if head.done:
+                self._waiters.popleft()
+                continue
+            delay = head.deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(min(delay, 0.05))
+                continue
+            self._waiters.popleft()
+            head.expired = True
+            head.task.cancel()
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -166,21 +166,28 @@ class ShardedDatabase:
 
         The first open of an empty catalog stores a balanced topology over the
         configured shards at epoch 1. Shards themselves are not contacted.
+        A failed open closes what it opened.
         """
-        await migrations.apply(self.catalog.pool, migrations.builtin("catalog"))
-        topology = await self.catalog.load_topology()
-        if topology is None:
-            # Another process may create it first (StaleEpoch): then load theirs.
-            with contextlib.suppress(TenfoldError):
-                await self.catalog.save_topology(Topology.balanced(list(self._shards)))
+        try:
+            await migrations.apply(self.catalog.pool, migrations.builtin("catalog"))
             topology = await self.catalog.load_topology()
-        assert topology is not None
-        self._install(topology)
-        if ids:
-            lease_s = self.settings.id_worker_lease_s
-            self._lease = await self.catalog.lease_worker(lease_s)
-            self._ids = IdGenerator(self._lease.worker, valid_until=self._lease.valid)
-            self._renewer = asyncio.create_task(self._renew_lease(lease_s))
+            if topology is None:
+                # Another process may create it first (StaleEpoch): then load theirs.
+                with contextlib.suppress(TenfoldError):
+                    await self.catalog.save_topology(Topology.balanced(list(self._shards)))
+                topology = await self.catalog.load_topology()
+            assert topology is not None
+            self._install(topology)
+            if ids:
+                lease_s = self.settings.id_worker_lease_s
+                self._lease = await self.catalog.lease_worker(lease_s)
+                self._ids = IdGenerator(self._lease.worker, valid_until=self._lease.valid)
+                self._renewer = asyncio.create_task(self._renew_lease(lease_s))
+        except BaseException:
+            # A failed open (a ConfigError, an unreachable catalog) must not keep
+            # the catalog's connections: SQLite's threads would keep the process alive.
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:

@@ -268,12 +268,19 @@ class SqlitePool(Pool):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             async with asyncio.timeout(opts.connect_timeout_s):
-                raw = await aiosqlite.connect(
+                pending = aiosqlite.connect(
                     self.path,
                     isolation_level=None,
                     timeout=opts.query_timeout_s,
                     cached_statements=opts.statement_cache_size,
                 )
+                # A connection someone forgot to close must not keep the process
+                # alive at exit (aiosqlite's thread is not a daemon). Committed
+                # data is safe: WAL recovers an unclosed connection's file.
+                thread = getattr(pending, "_thread", None)
+                if thread is not None:
+                    thread.daemon = True
+                raw = await pending
                 raw.row_factory = sqlite3.Row
                 await _enable_wal(raw)
                 await raw.execute("PRAGMA synchronous=NORMAL")
