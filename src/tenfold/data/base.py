@@ -167,8 +167,12 @@ class Pool(abc.ABC):
         self.options = options
 
     @abc.abstractmethod
-    def acquire(self) -> AbstractAsyncContextManager[Connection]:
-        """A connection, returned to the pool when the block ends."""
+    def acquire(self, slot: int | None = None) -> AbstractAsyncContextManager[Connection]:
+        """A connection, returned to the pool when the block ends.
+
+        Args:
+            slot: set as `conn.slot` (the router passes the key's slot).
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:

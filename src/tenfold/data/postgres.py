@@ -153,15 +153,43 @@ class _Waiter:
 class _Acquire:
     """`async with pool.acquire()`: a plain class, cheaper than a generator context."""
 
-    __slots__ = ("_pool", "_raw")
+    __slots__ = ("_pool", "_raw", "_slot")
 
-    def __init__(self, pool: PostgresPool) -> None:
+    def __init__(self, pool: PostgresPool, slot: int | None) -> None:
         self._pool = pool
+        self._slot = slot
         self._raw: Any = None
 
     async def __aenter__(self) -> PostgresConnection:
-        self._raw = await self._pool._take()
-        return PostgresConnection(self._pool, self._raw)
+        # The hot path of every request, kept to one coroutine frame: with at
+        # most max_size reserved a free holder is certain, so no timer is needed
+        # (asyncpg's acquire(timeout=) starts a task; see _line_up).
+        p = self._pool
+        pool = p._pool if p._pool is not None else await p._get_pool()
+        p._in_use += 1
+        try:
+            if p._in_use <= p.options.max_size:
+                self._raw = await pool.acquire()
+            else:
+                waiter = p._line_up()
+                try:
+                    self._raw = await pool.acquire()
+                except asyncio.CancelledError:
+                    if not waiter.expired:
+                        raise
+                    waiter.task.uncancel()
+                    raise p._waited_too_long(pool) from None
+                finally:
+                    waiter.done = True
+        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+            p._in_use -= 1
+            raise ShardUnavailable(p.name, p.safe_url, str(exc)) from exc
+        except BaseException:  # cancelled too: give the reservation back
+            p._in_use -= 1
+            raise
+        conn = PostgresConnection(p, self._raw)
+        conn.slot = self._slot
+        return conn
 
     async def __aexit__(self, *exc: object) -> None:
         self._pool._in_use -= 1
@@ -235,61 +263,34 @@ class PostgresPool(Pool):
             reason = str(exc) or type(exc).__name__
         raise ShardUnavailable(self.name, self.safe_url, reason)
 
-    def acquire(self) -> AbstractAsyncContextManager[Connection]:
-        return _Acquire(self)
+    def acquire(self, slot: int | None = None) -> AbstractAsyncContextManager[Connection]:
+        return _Acquire(self, slot)
 
-    async def _take(self) -> Any:
-        pool = self._pool if self._pool is not None else await self._get_pool()
-        # Reserve before awaiting: with at most max_size reserved, a free holder
-        # is certain, so no timer is needed (asyncpg's acquire(timeout=) starts
-        # a task, get_idle_size() walks every holder: together ~10% of a short
-        # insert, see benchmarks/insert_routing.py). Connecting a holder is
-        # still bounded by the connect timeout.
-        self._in_use += 1
-        try:
-            return await self._acquire_raw(pool)
-        except BaseException:  # cancelled too: give the reservation back
-            self._in_use -= 1
-            raise
+    def _line_up(self) -> _Waiter:
+        """Register a waiter of a saturated pool, bounded by `acquire_timeout_s`.
 
-    async def _acquire_raw(self, pool: Any) -> Any:
-        opts = self.options
-        try:
-            if self._in_use <= opts.max_size:
-                return await pool.acquire()
-            return await self._wait_in_line(pool)
-        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
-            raise ShardUnavailable(self.name, self.safe_url, str(exc)) from exc
-
-    async def _wait_in_line(self, pool: Any) -> Any:
-        """Wait for a busy pool, bounded by `acquire_timeout_s`.
-
-        Every waiter of a saturated pool would otherwise start its own timer;
-        one watchdog per pool expires them instead (waiters queue FIFO with the
-        same timeout, so deadlines are in order).
+        Every waiter would otherwise start its own timer; one watchdog per pool
+        expires them instead (waiters queue FIFO with the same timeout, so
+        their deadlines are in order).
         """
-        opts = self.options
         task = asyncio.current_task()
         assert task is not None
-        waiter = _Waiter(asyncio.get_running_loop().time() + opts.acquire_timeout_s, task)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.time() + self.options.acquire_timeout_s, task)
         self._waiters.append(waiter)
         if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.create_task(self._expire_waiters())
-        try:
-            return await pool.acquire()
-        except asyncio.CancelledError:
-            if not waiter.expired:
-                raise
-            task.uncancel()
-            if pool.get_size() < opts.max_size:
-                raise ShardUnavailable(
-                    self.name, self.safe_url, f"no connection within {opts.acquire_timeout_s:g} s"
-                ) from None
-            raise ShardTimeout(
-                self.name, opts.acquire_timeout_s, f"acquiring one of {opts.max_size} connections"
-            ) from None
-        finally:
-            waiter.done = True
+            self._watchdog = loop.create_task(self._expire_waiters())
+        return waiter
+
+    def _waited_too_long(self, pool: Any) -> Exception:
+        opts = self.options
+        if pool.get_size() < opts.max_size:
+            return ShardUnavailable(
+                self.name, self.safe_url, f"no connection within {opts.acquire_timeout_s:g} s"
+            )
+        return ShardTimeout(
+            self.name, opts.acquire_timeout_s, f"acquiring one of {opts.max_size} connections"
+        )
 
     async def _expire_waiters(self) -> None:
         loop = asyncio.get_running_loop()

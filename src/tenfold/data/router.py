@@ -20,6 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -102,15 +103,15 @@ class _Lease:
         if self._mode == _NAMED:
             pool = db._named(self._name).primary
         else:
-            shard = db._shards[db.topology.shard_of_slot(self._slot)]  # type: ignore[arg-type]
+            topology = db._topology or db.topology  # the property raises when not open
+            shard = db._shards[topology._owner[self._slot]]  # type: ignore[index]
             if self._mode == _REPLICA and shard.replicas:
                 self._ctx, replica = await db._pick_replica(shard)
                 replica.slot = self._slot
                 return replica
             pool = shard.primary
-        self._ctx = pool.acquire()
+        self._ctx = pool.acquire(self._slot)
         conn: Connection = await self._ctx.__aenter__()
-        conn.slot = self._slot
         return conn
 
     async def __aexit__(
@@ -291,16 +292,20 @@ class ShardedDatabase:
         """The shard that owns `key` under the cached topology."""
         return self.topology.shard_of(key)
 
-    def shard_for(self, key: Key) -> _Lease:
+    def shard_for(self, key: Key) -> AbstractAsyncContextManager[Connection]:
         """A primary connection on the shard that owns `key` (`async with`)."""
         return self.shard_for_slot(slot_of(key))
 
-    def shard_for_slot(self, slot: int) -> _Lease:
+    def shard_for_slot(self, slot: int) -> AbstractAsyncContextManager[Connection]:
         """A primary connection on the shard that owns `slot`."""
-        self.topology.shard_of_slot(slot)  # refuses a slot outside 0..4095 now, not at enter
+        shard = self.topology.shard_of_slot(slot)  # refuses a slot outside 0..4095 now
+        if self._clock() < self._topology_deadline:
+            # Fast path, the common case: the cached topology is fresh, so the
+            # pool's own context is handed out (one coroutine frame, not two).
+            return self._shards[shard].primary.acquire(slot)
         return _Lease(self, slot, _PRIMARY)
 
-    def shard_for_id(self, id_: int) -> _Lease:
+    def shard_for_id(self, id_: int) -> AbstractAsyncContextManager[Connection]:
         """A primary connection on the shard that owns the row with this tenfold id."""
         return self.shard_for_slot(slot_of_id(id_))
 

@@ -224,11 +224,11 @@ class SqlitePool(Pool):
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
 
-    def acquire(self) -> AbstractAsyncContextManager[Connection]:
-        return self._acquire()
+    def acquire(self, slot: int | None = None) -> AbstractAsyncContextManager[Connection]:
+        return self._acquire(slot)
 
     @asynccontextmanager
-    async def _acquire(self) -> AsyncIterator[Connection]:
+    async def _acquire(self, slot: int | None) -> AsyncIterator[Connection]:
         self._closed = False
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.options.max_size)
@@ -246,6 +246,7 @@ class SqlitePool(Pool):
             raw = self._idle.pop() if self._idle else await self._open()
             self._in_use += 1
             conn = SqliteConnection(self, raw)
+            conn.slot = slot
             try:
                 yield conn
             finally:
