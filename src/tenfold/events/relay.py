@@ -26,9 +26,10 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from tenfold.data.base import Record
 from tenfold.errors import DataError
 from tenfold.events.base import Event, StreamBackend, TopicSpec
 from tenfold.events.outbox import PENDING, event_of_row
@@ -39,13 +40,13 @@ __all__ = ["OutboxRelay"]
 log = logging.getLogger("tenfold.events.relay")
 
 
-def _pad(n: int) -> int:
-    # Mark statements are padded to a power of two so a shard sees only a few
-    # distinct statements (prepared-statement cache), not one per batch size.
+def _padded(seqs: Sequence[int]) -> list[int]:
+    # Seq lists are padded (repeating the last) to a power of two so a shard
+    # sees a few distinct statements (prepared-statement cache), not one per size.
     size = 1
-    while size < n:
+    while size < len(seqs):
         size *= 2
-    return size
+    return [*seqs, *[seqs[-1]] * (size - len(seqs))]
 
 
 class OutboxRelay:
@@ -127,14 +128,68 @@ class OutboxRelay:
 
     async def run_once(self) -> int:
         """Publish one batch of pending rows; return how many were published."""
-        async with self.db.shard(self.shard) as conn:
-            rows = await conn.fetch(PENDING, self.batch_size)
+        rows = await self._fetch(())
         if not rows:
             return 0
+        await self._publish(rows)
+        await self._mark(rows)
+        return len(rows)
+
+    async def pump(self) -> int:
+        """Publish batches back to back until the outbox has less than a batch; return the count.
+
+        Database work overlaps the broker's acknowledgements: while batch k is
+        being acknowledged, batch k-1 is marked and batch k+1 read (excluding
+        the rows in flight). Batch k+1 is sent only after k is acknowledged, so
+        the stream order is the same as `run_once`'s.
+        """
+        total = 0
+        rows = await self._fetch(())
+        acked: list[Record] = []  # published and acknowledged, not yet marked
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            while rows:
+                in_flight = asyncio.create_task(self._publish(rows))
+                if acked:
+                    await self._mark(acked)
+                    total += len(acked)
+                full = len(rows) == self.batch_size
+                ahead = await self._fetch([int(r[0]) for r in rows]) if full else []
+                await in_flight
+                in_flight = None
+                acked, rows = rows, ahead
+                if not await self.hold_lease():
+                    break
+            if acked:
+                await self._mark(acked)
+                total += len(acked)
+        finally:
+            if in_flight is not None:
+                in_flight.cancel()
+                await asyncio.gather(in_flight, return_exceptions=True)
+        return total
+
+    async def _fetch(self, exclude: Sequence[int]) -> list[Record]:
+        async with self.db.shard(self.shard) as conn:
+            if not exclude:
+                return list(await conn.fetch(PENDING, self.batch_size))
+            padded = _padded(exclude)
+            marks = ", ".join(f"${i}" for i in range(2, len(padded) + 2))
+            return list(
+                await conn.fetch(
+                    "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at "
+                    f"FROM tenfold_outbox WHERE published_at IS NULL AND seq NOT IN ({marks}) "
+                    "ORDER BY seq LIMIT $1",
+                    self.batch_size,
+                    *padded,
+                )
+            )
+
+    async def _publish(self, rows: Sequence[Record]) -> None:
         await self.backend.start()  # no-op when connected; reconnects after an outage
-        events = [event_of_row(r) for r in rows]
         by_topic: dict[str, list[Event]] = {}
-        for event in events:
+        for row in rows:
+            event = event_of_row(row)
             by_topic.setdefault(event.topic, []).append(event)
         for topic, batch in by_topic.items():
             spec = self.topics.get(topic) or self.topics.setdefault(topic, TopicSpec(topic))
@@ -142,8 +197,9 @@ class OutboxRelay:
                 await self.backend.ensure_topic(spec)
                 self._ensured.add(topic)
             await self.backend.publish(spec, batch)
-        seqs = [int(r[0]) for r in rows]
-        padded = seqs + [seqs[-1]] * (_pad(len(seqs)) - len(seqs))
+
+    async def _mark(self, rows: Sequence[Record]) -> None:
+        padded = _padded([int(r[0]) for r in rows])
         marks = ", ".join(f"${i}" for i in range(2, len(padded) + 2))
         async with self.db.shard(self.shard) as conn:
             await conn.execute(
@@ -153,7 +209,6 @@ class OutboxRelay:
             )
         self.published += len(rows)
         metrics.outbox_published.labels(shard=self.shard).inc(len(rows))
-        return len(rows)
 
     async def prune(self) -> int:
         """Delete published rows older than the retention; return how many."""
@@ -187,7 +242,7 @@ class OutboxRelay:
                     await self._sleep(min(1.0, self.lease_s / 3))
                     continue
                 await self._ensure_listener()
-                count = await self.run_once()
+                count = await self.pump()
                 failures = 0
                 passes += 1
                 if passes % 500 == 0:
@@ -208,7 +263,7 @@ class OutboxRelay:
         """Publish until the outbox is empty (for shutdown); return how many were published."""
         total = 0
         async with asyncio.timeout(timeout_s):
-            while (count := await self.run_once()) > 0:
+            while (count := await self.pump()) > 0:
                 total += count
         return total
 
