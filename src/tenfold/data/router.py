@@ -3,9 +3,14 @@
     key ─slot_of─▶ slot ─topology (cached, epoch-checked)─▶ shard ─pool─▶ connection
 
 Invariants:
-- A request uses the topology that was current in the catalog at most
-  `topology_ttl_s` ago: the first request after the TTL re-reads the epoch
-  (one cheap query, single-flight) and reloads the map when it moved.
+- While the catalog answers, a request uses the topology that was current in
+  the catalog at most `topology_ttl_s` ago: the first request after the TTL
+  re-reads the epoch (one cheap query, waited for at most
+  `topology_refresh_wait_s`) and is routed by the reloaded map.
+- The catalog is never on the request path otherwise: requests that arrive
+  while a refresh runs, or while the catalog is down, keep the cached map
+  (logged); the refresh retries after each TTL. Fencing writes to moving slots
+  is the resharding layer's job (the epoch is its hook).
 - A shard that cannot be reached fails only the requests routed to it, after
   its bounded connect timeout; pools are per shard and created lazily.
 - `read_for` prefers a healthy replica (round robin); a replica that failed is
@@ -104,7 +109,7 @@ class _Lease:
             pool = db._named(self._name).primary
         else:
             topology = db._topology or db.topology  # the property raises when not open
-            shard = db._shards[topology._owner[self._slot]]  # type: ignore[index]
+            shard = db._shards[topology.shard_of_slot(self._slot)]  # type: ignore[arg-type]
             if self._mode == _REPLICA and shard.replicas:
                 self._ctx, replica = await db._pick_replica(shard)
                 replica.slot = self._slot

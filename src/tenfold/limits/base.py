@@ -1,0 +1,87 @@
+"""The limiter storage interface and the URL → storage factory.
+
+Contract every `LimiterStorage` keeps (the shared suite in
+tests/integration/test_limits_storages.py runs it against each):
+
+- `decide(key, rule, cost)` applies GCRA (`tenfold.limits.gcra`) to the TAT
+  stored under `key`, atomically: concurrent callers on the same key, from any
+  process sharing the storage, never together exceed the rule.
+- A denied request changes nothing; an allowed one moves the key's TAT.
+- Keys vanish by themselves once their bucket is full again (TTL or eviction).
+- `decide_many(items)` equals calling `decide` on each item in order, in one
+  batch (one round trip for Redis).
+- Every call returns within the storage's timeout; what happens when the
+  server is down or slow is the storage's `on_error` policy, never an
+  exception or an unbounded wait.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from tenfold.errors import ConfigError
+from tenfold.limits.gcra import Decision
+from tenfold.limits.rules import Rule
+
+__all__ = ["DecideItem", "LimiterStorage", "from_url"]
+
+DecideItem = tuple[str, Rule, int]
+"""One batched check: (key, rule, cost)."""
+
+
+class LimiterStorage(abc.ABC):
+    """Where the TATs of rate-limited subjects live."""
+
+    @abc.abstractmethod
+    async def decide(self, key: str, rule: Rule, cost: int = 1) -> Decision:
+        """Apply `rule` to `key` for a request costing `cost`.
+
+        Args:
+            key: the subject's key (the storage may add its own prefix).
+            rule: the rule to apply.
+            cost: how many requests this one counts for (>= 1).
+        """
+
+    async def decide_many(self, items: Sequence[DecideItem]) -> list[Decision]:
+        """Decide every (key, rule, cost) in `items`, in order, as one batch.
+
+        Args:
+            items: the checks, each a (key, rule, cost) tuple.
+        """
+        return [await self.decide(key, rule, cost) for key, rule, cost in items]
+
+    async def close(self) -> None:
+        """Release connections; the storage must not be used afterwards."""
+
+
+_STORAGES = {
+    "memory": "tenfold.limits.memory:MemoryStorage",
+    "redis": "tenfold.limits.redis:RedisStorage",
+    "rediss": "tenfold.limits.redis:RedisStorage",
+}
+
+
+def from_url(url: str, **options: Any) -> LimiterStorage:
+    """The storage for `memory://` or `redis://host:port/db` (also `rediss://`).
+
+    Args:
+        url: the storage URL; its scheme picks the backend.
+        options: keyword options for that backend's constructor.
+
+    Raises:
+        ConfigError: for an unknown scheme.
+    """
+    scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
+    target = _STORAGES.get(scheme)
+    if target is None:
+        raise ConfigError(
+            "TENFOLD_LIMITS_URL",
+            f"unknown scheme in {url!r}; accepted: {', '.join(s + '://' for s in _STORAGES)}",
+        )
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    storage: LimiterStorage = cls.from_url(url, **options)
+    return storage
