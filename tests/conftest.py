@@ -45,6 +45,21 @@ def _nats() -> services.Service:
 _NATS: dict[str, services.NatsServer | None] = {}
 
 
+def _redis() -> services.Service:
+    if "redis" not in _SERVICES:
+        _SERVICES["redis"] = services.find_redis()
+    return _SERVICES["redis"]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a reachable Redis (started from `redis-server` on PATH if needed)."""
+    svc = _redis()
+    if svc.url is None:
+        pytest.skip(f"redis unavailable: {svc.problem}")
+    return svc.url
+
+
 @pytest.fixture(scope="session")
 def nats_url() -> str:
     """URL of a session NATS with JetStream (the pinned wheel's server, sync_interval always)."""

@@ -219,3 +219,53 @@ def find_nats() -> tuple[Service, NatsServer | None]:
         return Service("nats", problem=f"could not start one ({exc}) and none at {url}"), None
     service = Service("nats", server.url, f"started {server.binary} on port {server.port}")
     return service, server
+
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_ping(url: str, timeout_s: float = 1.0) -> str | None:
+    """None if a Redis answers PING at `url`, else why not (no client library needed)."""
+    rest = url.split("//", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout_s) as s:
+            s.settimeout(timeout_s)
+            s.sendall(b"PING\r\n")
+            reply = s.recv(64)
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if reply.startswith(b"+PONG") else f"unexpected reply {reply[:40]!r}"
+
+
+def find_redis() -> Service:
+    """Redis at `TENFOLD_TEST_REDIS_URL` (default 127.0.0.1:6379), else a throwaway redis-server."""
+    url = os.environ.get("TENFOLD_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    problem = _redis_ping(url)
+    if problem is None:
+        return Service("redis", url, f"reachable at {url.split('@')[-1]}")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return Service("redis", problem=f"not reachable at {url} ({problem}) and no redis-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started = f"redis://127.0.0.1:{port}/0"
+    service = Service("redis", how=f"started {binary} on port {port}")
+    service._stop.append(["kill", str(proc.pid)])
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            service.problem = f"not reachable at {url} and redis-server exited ({proc.returncode})"
+            return service
+        if _redis_ping(started, 0.2) is None:
+            service.url = started
+            return service
+        time.sleep(0.05)
+    service.problem = f"not reachable at {url} and redis-server did not answer within 10 s"
+    return service

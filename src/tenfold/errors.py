@@ -20,6 +20,7 @@ to the most specific error below. Every message names the thing that failed
     │   ├── TopicError         an invalid or unknown topic, group or dead letter
     │   ├── PayloadError       a payload that cannot be serialised or is too large
     │   └── BrokerUnavailable  the stream broker could not be reached in time
+    ├── RateLimitError         a rate-limit check named an unknown rule or an impossible cost
     └── MissingDependency      an optional extra is not installed
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "MissingDependency",
     "PayloadError",
     "QueryError",
+    "RateLimitError",
     "ScatterError",
     "ShardTimeout",
     "ShardUnavailable",
@@ -176,3 +178,11 @@ class BrokerUnavailable(EventError):
             f"event broker at {url} is unavailable: {reason}; emits still commit to the "
             "outbox and the relay publishes them when the broker is back"
         )
+
+
+class RateLimitError(TenfoldError, ValueError):
+    """A rate-limit check named an unknown rule or asked for an impossible cost.
+
+    Not raised for a refused request: a refusal is a `Decision` with
+    `allowed=False`.
+    """

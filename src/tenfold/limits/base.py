@@ -55,6 +55,7 @@ class LimiterStorage(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the storage must not be used afterwards."""
+        return None  # nothing to release by default
 
 
 _STORAGES = {

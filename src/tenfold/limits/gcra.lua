@@ -9,7 +9,7 @@
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-local epsilon = 1e-6
+local epsilon = 1e-4  -- EPSILON_S in gcra.py: clock slack, see there
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -23,7 +23,7 @@ local new_tat = base + interval * cost
 local allow_at = new_tat - tolerance
 
 local function remaining(tat)
-  local left = math.floor((tolerance - (tat - now)) / interval + epsilon)
+  local left = math.floor((tolerance - (tat - now) + epsilon) / interval)
   if left < 0 then
     return 0
   end

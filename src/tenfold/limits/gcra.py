@@ -14,7 +14,7 @@ Flow of one decision, with T = period / limit and tolerance = T * burst::
 Invariants (tests/unit/test_gcra.py checks them with Hypothesis):
 
 1. In any window of length W, allowed cost never exceeds
-   limit * W / period + burst (up to EPSILON_S of clock slack).
+   limit * W / period + burst (+ EPSILON_S / T of clock slack).
 2. A client spending exactly one request every T seconds is never refused.
 3. `remaining` is never negative; `retry_after_s > 0` if and only if denied.
 4. A denial leaves the TAT unchanged, so refused requests cost nothing.
@@ -31,9 +31,13 @@ from tenfold.limits.rules import Rule
 
 __all__ = ["EPSILON_S", "Decision", "decide"]
 
-# Clock slack: Redis TIME has microsecond resolution, and a client spacing its
-# requests by exactly T in floating point must not be refused by rounding.
-EPSILON_S = 1e-6
+# Clock slack, a constant added to the tolerance. Times are epoch floats
+# (~1.7e9 s), where each TAT step rounds by up to half an ulp (1.2e-7 s) and the
+# rounding is systematic for a fixed T: without slack, a client paced exactly at
+# the rate would be refused after a few steps. 100 µs absorbs ~800 such steps
+# in a row and is far below network jitter; it allows at most EPSILON_S / T
+# extra requests in any window, once, never a faster sustained rate.
+EPSILON_S = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +59,9 @@ class Decision:
     limit: int
 
 
-def decide(tat: float | None, now: float, rule: Rule, cost: int = 1) -> tuple[float | None, Decision]:
+def decide(
+    tat: float | None, now: float, rule: Rule, cost: int = 1
+) -> tuple[float | None, Decision]:
     """One GCRA step.
 
     Args:
@@ -91,4 +97,5 @@ def decide(tat: float | None, now: float, rule: Rule, cost: int = 1) -> tuple[fl
 
 def _remaining(now: float, tat: float, interval: float, tolerance: float) -> int:
     # How many more intervals fit between the TAT and now + tolerance.
-    return max(0, math.floor((tolerance - (tat - now)) / interval + EPSILON_S))
+    # Same slack as the allow test, so remaining >= 1 iff a unit request would pass.
+    return max(0, math.floor((tolerance - (tat - now) + EPSILON_S) / interval))

@@ -37,7 +37,9 @@ class MemoryStorage(LimiterStorage):
 
     def __init__(self, max_keys: int = 100_000, clock: Callable[[], float] = time.time) -> None:
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-            raise ConfigError("memory limiter max_keys", f"must be an integer >= 1, got {max_keys!r}")
+            raise ConfigError(
+                "memory limiter max_keys", f"must be an integer >= 1, got {max_keys!r}"
+            )
         self.max_keys = max_keys
         self.clock = clock
         self._tats: OrderedDict[str, float] = OrderedDict()
@@ -52,7 +54,8 @@ class MemoryStorage(LimiterStorage):
                 options["max_keys"] = int(query["max_keys"])
             except ValueError:
                 raise ConfigError(
-                    f"limiter URL {url!r}", f"max_keys must be an integer, got {query['max_keys']!r}"
+                    f"limiter URL {url!r}",
+                    f"max_keys must be an integer, got {query['max_keys']!r}",
                 ) from None
         return cls(**options)
 
@@ -64,10 +67,10 @@ class MemoryStorage(LimiterStorage):
         now = self.clock()
         tats = self._tats
         new_tat, decision = gcra.decide(tats.get(key), now, rule, cost)
+        if key in tats:
+            tats.move_to_end(key)  # a denied key is hot too: keep it, or it is forgiven
         if decision.allowed and new_tat is not None:
-            if key in tats:
-                tats.move_to_end(key)
-            else:
+            if key not in tats:
                 self._make_room(now)
             tats[key] = new_tat
         return decision

@@ -49,13 +49,17 @@ class Rule:
 
     def __post_init__(self) -> None:
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise ConfigError("rate-limit rule", f"limit must be a whole number >= 1, got {self.limit!r}")
+            raise ConfigError(
+                "rate-limit rule", f"limit must be a whole number >= 1, got {self.limit!r}"
+            )
         if not self.period_s > 0:
             raise ConfigError("rate-limit rule", f"period_s must be > 0, got {self.period_s!r}")
         if self.burst == 0:
             object.__setattr__(self, "burst", self.limit)
         elif isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
-            raise ConfigError("rate-limit rule", f"burst must be a whole number >= 1, got {self.burst!r}")
+            raise ConfigError(
+                "rate-limit rule", f"burst must be a whole number >= 1, got {self.burst!r}"
+            )
 
     @property
     def emission_interval_s(self) -> float:
@@ -85,7 +89,9 @@ def parse_rule(text: str | Rule) -> Rule:
     unit = match["unit"].lower()
     period_s = PERIODS_S.get(unit)
     if period_s is None:
-        raise ConfigError(f"rate-limit rule {text!r}", f"unknown unit {unit!r}; write {ACCEPTED_FORMS}")
+        raise ConfigError(
+            f"rate-limit rule {text!r}", f"unknown unit {unit!r}; write {ACCEPTED_FORMS}"
+        )
     limit = int(match["limit"])
     burst = int(match["burst"]) if match["burst"] is not None else limit
     if limit < 1 or burst < 1:
