@@ -6,13 +6,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
 from tenfold.errors import ConfigError
 from tenfold.limits import LimiterStorage, MemoryStorage, RateLimiter, Rule, from_url
-from tenfold.limits.redis import RedisStorage
+from tenfold.limits.base import DecideItem
+from tenfold.limits.redis import OnError, RedisStorage
 
 TEN_PER_S = Rule(limit=10, period_s=1.0)  # T = 0.1 s, burst 10
 
@@ -234,3 +235,98 @@ def test_from_url_and_settings_validation() -> None:
     with pytest.raises(ConfigError, match=r"redis limiter at redis://:\*\*\*@127.0.0.1") as info:
         RedisStorage("redis://:secret@127.0.0.1:6379/0", timeout_s=0)
     assert "secret" not in str(info.value)
+
+
+async def test_coalesced_decisions_stay_atomic_per_key(make_storage: MakeStorage) -> None:
+    storage = make_storage()
+    rule = Rule(limit=50, period_s=60.0)  # burst 50
+    decisions = await asyncio.gather(*(storage.decide("hot", rule) for _ in range(200)))
+    assert sum(d.allowed for d in decisions) == 50
+    assert sorted(d.remaining for d in decisions if d.allowed) == list(range(50))
+
+
+async def test_concurrent_decides_share_round_trips(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"tftest:{uuid.uuid4().hex[:10]}:"
+    storage = RedisStorage(redis_url, prefix=prefix, timeout_s=2.0)
+    round_trips: list[int] = []  # items per round trip
+    pipeline, evalsha = storage._pipeline, storage._evalsha
+
+    async def counted_pipeline(items: Sequence[DecideItem]) -> list[object]:
+        round_trips.append(len(items))
+        return await pipeline(items)
+
+    async def counted_evalsha(client: object, key: str, rule: Rule, cost: int) -> list[object]:
+        round_trips.append(1)
+        return await evalsha(client, key, rule, cost)
+
+    monkeypatch.setattr(storage, "_pipeline", counted_pipeline)
+    monkeypatch.setattr(storage, "_evalsha", counted_evalsha)
+    try:
+        assert (await storage.decide("warm", TEN_PER_S)).allowed  # loads the script
+        round_trips.clear()
+        keys = [f"k{i}" for i in range(200)]
+
+        async def worker(chunk: list[str]) -> list[bool]:
+            return [(await storage.decide(key, TEN_PER_S)).allowed for key in chunk]
+
+        results = await asyncio.gather(*(worker(keys[i::20]) for i in range(20)))
+        assert all(all(allowed) for allowed in results)
+        assert sum(round_trips) == 200 and storage.failures == 0
+        assert len(round_trips) <= 40  # 200 calls, 20 at a time: ~10-20 round trips, not 200
+        assert max(round_trips) > 1
+    finally:
+        await storage._client.delete(*(prefix + k for k in ["warm", *keys]))
+        await storage.close()
+
+
+async def test_cancelled_caller_does_not_break_the_batch(redis_url: str) -> None:
+    prefix = f"tftest:{uuid.uuid4().hex[:10]}:"
+    storage = RedisStorage(redis_url, prefix=prefix, timeout_s=2.0)
+    try:
+        tasks = [asyncio.create_task(storage.decide(f"c{i}", TEN_PER_S)) for i in range(30)]
+        await asyncio.sleep(0)  # the first is in flight, the rest queued
+        for task in tasks[5:10]:
+            task.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(d, asyncio.CancelledError) for d in done[5:10])
+        assert all(d.allowed for d in done[:5] + done[10:])  # type: ignore[union-attr]
+        assert storage.failures == 0
+        assert (await storage.decide("after", TEN_PER_S)).allowed
+    finally:
+        await storage._client.delete(*(prefix + f"c{i}" for i in range(30)), prefix + "after")
+        await storage.close()
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_redis_down_policies_under_concurrency(on_error: OnError) -> None:
+    storage = RedisStorage(
+        "redis://127.0.0.1:1/0", timeout_s=0.2, on_error=on_error, closed_retry_after_s=2.0
+    )
+    rule = Rule(limit=30, period_s=60.0)
+    try:
+        started = time.monotonic()
+        decisions = await asyncio.gather(*(storage.decide("u", rule) for _ in range(50)))
+        assert time.monotonic() - started < 0.5
+        assert storage.failures == 50
+        if on_error == "open":  # one local limiter, still exact
+            assert sum(d.allowed for d in decisions) == 30
+        else:
+            assert not any(d.allowed for d in decisions)
+            assert {d.retry_after_s for d in decisions} == {2.0}
+    finally:
+        await storage.close()
+
+
+async def test_silent_server_under_concurrency_is_bounded() -> None:
+    server, url = await _silent_server()
+    storage = RedisStorage(url, timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        decisions = await asyncio.gather(*(storage.decide("u", TEN_PER_S) for _ in range(50)))
+        assert time.monotonic() - started < 0.6
+        assert sum(d.allowed for d in decisions) == 10 and storage.failures == 50
+    finally:
+        await storage.close()
+        server.close()

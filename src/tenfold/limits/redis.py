@@ -10,6 +10,13 @@ Flow of one decision::
                    ├─ error or timeout ─▶ mark down for recheck_after_s ─▶ on_error policy
                    └─ reply ─▶ Decision
 
+Concurrent `decide` calls are coalesced: a caller that finds no round trip in
+flight sends its EVALSHA straight away; callers arriving while one is in flight
+join a bounded queue (`max_batch`), and a single flusher sends everything
+queued as one pipeline as soon as the previous round trip returns (no added
+delay). Each caller still waits at most `timeout_s` for its own decision; a
+failed pipeline gives every caller in it the `on_error` answer.
+
 `decide_many` sends one EVALSHA per item in one pipeline. The script reads
 `TIME` itself, so clients with skewed clocks still share one limit, and sets
 the TAT key with a TTL so idle subjects vanish.
@@ -22,6 +29,7 @@ same rules while Redis is unreachable, and logs a warning once per outage;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -53,6 +61,7 @@ SCRIPT = files("tenfold.limits").joinpath("gcra.lua").read_text(encoding="utf-8"
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 _ERRORS = (RedisError, OSError, TimeoutError)
+_Queued = tuple[str, Rule, int, "asyncio.Future[Any]"]  # (key, rule, cost, the caller's waiter)
 OnError = Literal["open", "closed"]
 
 
@@ -71,6 +80,8 @@ class RedisStorage(LimiterStorage):
         recheck_after_s: after a failure, how long to apply `on_error` without
             trying Redis, so a dead server does not cost a timeout per request.
         fallback: the local storage used by `on_error="open"`.
+        max_batch: bound on the queue of coalesced `decide` calls (and so on one
+            pipeline); a caller finding it full sends its own EVALSHA.
         clock: monotonic seconds, for `recheck_after_s` only (GCRA uses Redis TIME).
     """
 
@@ -85,6 +96,7 @@ class RedisStorage(LimiterStorage):
         closed_retry_after_s: float = 1.0,
         recheck_after_s: float = 1.0,
         fallback: MemoryStorage | None = None,
+        max_batch: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         where = f"redis limiter at {redact_url(url)}"
@@ -99,6 +111,8 @@ class RedisStorage(LimiterStorage):
                 raise ConfigError(where, f"{name} must be > 0, got {value!r}")
         if max_connections < 1:
             raise ConfigError(where, f"max_connections must be >= 1, got {max_connections!r}")
+        if max_batch < 1:
+            raise ConfigError(where, f"max_batch must be >= 1, got {max_batch!r}")
         self.url = url
         self.where = where
         self.prefix = prefix
@@ -111,6 +125,10 @@ class RedisStorage(LimiterStorage):
         self.failures = 0  # decisions answered by the on_error policy (a metric to watch)
         self._down_until: float | None = None
         self._loaded = False
+        self.max_batch = max_batch
+        self._queue: list[_Queued] = []  # coalesced decide() calls waiting for the flusher
+        self._busy = False  # a decide() round trip (direct or flushed) is in flight
+        self._flusher: asyncio.Task[None] | None = None
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -129,6 +147,34 @@ class RedisStorage(LimiterStorage):
     async def decide(self, key: str, rule: Rule, cost: int = 1) -> Decision:
         if self._skipping():
             return self._degraded(key, rule, cost)
+        if not self._busy:  # nothing in flight: go straight through
+            self._busy = True
+            try:
+                return await self._decide_direct(key, rule, cost)
+            finally:
+                self._busy = False
+                self._kick()
+        if len(self._queue) >= self.max_batch:  # queue full: own round trip
+            return await self._decide_direct(key, rule, cost)
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((key, rule, cost, waiter))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reply = await waiter
+        except TimeoutError as exc:
+            self._mark_down(exc)
+            return self._degraded(key, rule, cost)
+        if reply is None:  # the batch failed (already marked down) or Redis is down
+            return self._degraded(key, rule, cost)
+        if isinstance(reply, BaseException):
+            if isinstance(reply, _ERRORS):
+                self._mark_down(reply)
+                return self._degraded(key, rule, cost)
+            raise reply
+        self._mark_up()
+        return _decision(reply, rule)
+
+    async def _decide_direct(self, key: str, rule: Rule, cost: int) -> Decision:
         try:
             async with asyncio.timeout(self.timeout_s):
                 if not self._loaded:
@@ -144,6 +190,54 @@ class RedisStorage(LimiterStorage):
         self._mark_up()
         return _decision(reply, rule)
 
+    def _kick(self) -> None:
+        """Start the flusher if calls are queued and no round trip is in flight."""
+        if self._queue and not self._busy:
+            self._busy = True
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Send the queue as pipelines, one at a time, until it stays empty."""
+        try:
+            while True:
+                batch = [q for q in self._queue[: self.max_batch] if not q[3].done()]
+                del self._queue[: self.max_batch]
+                if batch:
+                    await self._flush_batch(batch)
+                    await asyncio.sleep(0)  # let the woken callers queue their next call
+                elif not self._queue:
+                    return
+        finally:
+            self._busy = False
+            self._flusher = None
+            if self._queue:  # e.g. cancelled by close(): nobody may wait forever
+                for *_, waiter in self._queue:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._queue.clear()
+
+    async def _flush_batch(self, batch: list[_Queued]) -> None:
+        replies: list[Any]
+        if self._skipping():
+            replies = [None] * len(batch)
+        else:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    replies = await self._send([(k, r, c) for k, r, c, _ in batch])
+            except _ERRORS as exc:
+                self._mark_down(exc)
+                replies = [None] * len(batch)
+            except asyncio.CancelledError:  # close(): the callers get the on_error answer
+                for *_, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                raise
+            except Exception as exc:  # e.g. ConfigError: each caller raises it, as decide() did
+                replies = [exc] * len(batch)
+        for (*_, waiter), reply in zip(batch, replies, strict=True):
+            if not waiter.done():  # a cancelled or timed-out caller is skipped
+                waiter.set_result(reply)
+
     async def decide_many(self, items: Sequence[DecideItem]) -> list[Decision]:
         if not items:
             return []
@@ -151,15 +245,7 @@ class RedisStorage(LimiterStorage):
             return [self._degraded(key, rule, cost) for key, rule, cost in items]
         try:
             async with asyncio.timeout(self.timeout_s):
-                if not self._loaded:
-                    await self._load()
-                replies = await self._pipeline(items)
-                missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if missing:  # the script was flushed: load it, redo only those items
-                    await self._load()
-                    redone = await self._pipeline([items[i] for i in missing])
-                    for i, reply in zip(missing, redone, strict=True):
-                        replies[i] = reply
+                replies = await self._send(items)
                 for reply in replies:
                     if isinstance(reply, Exception):
                         raise reply
@@ -170,7 +256,28 @@ class RedisStorage(LimiterStorage):
         return [_decision(reply, rule) for reply, (_, rule, _) in zip(replies, items, strict=True)]
 
     async def close(self) -> None:
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
         await self._client.aclose()
+
+    async def _send(self, items: Sequence[DecideItem]) -> list[Any]:
+        """One pipeline of EVALSHAs; NOSCRIPT → load the script and redo those items once.
+
+        Replies may be exceptions (per item); errors of the round trip raise.
+        """
+        if not self._loaded:
+            await self._load()
+        replies = await self._pipeline(items)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # the script was flushed: load it, redo only those items
+            await self._load()
+            redone = await self._pipeline([items[i] for i in missing])
+            for i, reply in zip(missing, redone, strict=True):
+                replies[i] = reply
+        return replies
 
     async def _load(self) -> None:
         sha = await self._client.script_load(SCRIPT)
