@@ -21,16 +21,25 @@ to the most specific error below. Every message names the thing that failed
     │   ├── PayloadError       a payload that cannot be serialised or is too large
     │   └── BrokerUnavailable  the stream broker could not be reached in time
     ├── RateLimitError         a rate-limit check named an unknown rule or an impossible cost
-    └── MissingDependency      an optional extra is not installed
+    ├── ResilienceError        a resilience guard refused or cut short a call
+    │   ├── CircuitOpen        a circuit breaker is open for a dependency
+    │   ├── BulkheadFull       a bulkhead had no free slot within its wait bound
+    │   └── DeadlineExceeded   an operation ran past its deadline
+    ├── MissingDependency      an optional extra is not installed
+    └── CacheError             a cache key or value that cannot be serialised or is too large
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BrokerUnavailable",
+    "BulkheadFull",
+    "CacheError",
+    "CircuitOpen",
     "ConfigError",
     "ConstraintViolation",
     "DataError",
+    "DeadlineExceeded",
     "EventError",
     "KeyspaceError",
     "MigrationError",
@@ -38,6 +47,7 @@ __all__ = [
     "PayloadError",
     "QueryError",
     "RateLimitError",
+    "ResilienceError",
     "ScatterError",
     "ShardTimeout",
     "ShardUnavailable",
@@ -186,3 +196,55 @@ class RateLimitError(TenfoldError, ValueError):
     Not raised for a refused request: a refusal is a `Decision` with
     `allowed=False`.
     """
+
+
+class ResilienceError(TenfoldError):
+    """A resilience guard (breaker, bulkhead, deadline) refused or cut short a call."""
+
+
+class CircuitOpen(ResilienceError):
+    """A circuit breaker is open: the dependency was not called."""
+
+    def __init__(self, name: str, retry_in_s: float) -> None:
+        self.name = name
+        self.retry_in_s = retry_in_s
+        super().__init__(
+            f"circuit breaker for {name} is open after repeated failures; the call was not "
+            f"made; it will let a probe through in {retry_in_s:.3g} s: fail fast or serve a "
+            f"fallback until then, and check the health of {name}"
+        )
+
+
+class BulkheadFull(ResilienceError):
+    """A bulkhead had no free slot within its wait bound; the call was not made."""
+
+    def __init__(self, name: str, max_concurrent: int, max_wait_s: float) -> None:
+        self.name = name
+        self.max_concurrent = max_concurrent
+        self.max_wait_s = max_wait_s
+        super().__init__(
+            f"bulkhead for {name} is full: {max_concurrent} calls in flight and no slot freed "
+            f"within {max_wait_s:g} s; the call was not made: shed load or retry later, or "
+            f"raise max_concurrent if {name} can take more"
+        )
+
+
+class DeadlineExceeded(ResilienceError, TimeoutError):
+    """An operation did not finish within its deadline and was cancelled."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        self.what = what
+        self.seconds = seconds
+        super().__init__(
+            f"{what} did not finish within its {seconds:g} s deadline and was cancelled; "
+            "raise the deadline or look for what made it slow"
+        )
+
+
+class CacheError(TenfoldError, ValueError):
+    """A cache key or value that cannot be serialised or exceeds the size bound."""
+
+    def __init__(self, key: object, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"cache key {str(key)[:200]!r}: {problem}; nothing was cached")

@@ -51,3 +51,51 @@ consumer_lag = Gauge(
 dlq_size = Gauge(
     "tenfold_dlq_size", "Events in a topic's dead-letter queue.", ["topic"], registry=REGISTRY
 )
+breaker_state = Gauge(
+    "tenfold_breaker_state",
+    "Circuit breaker state per dependency (0 closed, 1 half-open, 2 open).",
+    ["name"],
+    registry=REGISTRY,
+)
+breaker_transitions = Counter(
+    "tenfold_breaker_transitions_total",
+    "Circuit breaker state changes per dependency, by the state entered.",
+    ["name", "state"],
+    registry=REGISTRY,
+)
+bulkhead_in_use = Gauge(
+    "tenfold_bulkhead_in_use", "Calls in flight inside a bulkhead.", ["name"], registry=REGISTRY
+)
+bulkhead_rejections = Counter(
+    "tenfold_bulkhead_rejections_total",
+    "Calls refused by a full bulkhead.",
+    ["name"],
+    registry=REGISTRY,
+)
+retries = Counter(
+    "tenfold_retries_total",
+    "Retries of idempotent calls (attempts after the first), per named operation.",
+    ["what"],
+    registry=REGISTRY,
+)
+cache_hits = Counter(
+    "tenfold_cache_hits_total",
+    "Cache reads answered without the loader, by tier (l1, l2, stale, fail_safe).",
+    ["tier"],
+    registry=REGISTRY,
+)
+cache_misses = Counter(
+    "tenfold_cache_misses_total",
+    "Cache reads that missed a tier (l1, l2).",
+    ["tier"],
+    registry=REGISTRY,
+)
+cache_loader_seconds = Histogram(
+    "tenfold_cache_loader_seconds", "Time in cache loaders.", registry=REGISTRY
+)
+cache_invalidations = Counter(
+    "tenfold_cache_invalidations_total",
+    "Cache invalidations by kind (key, tag, received, resync).",
+    ["kind"],
+    registry=REGISTRY,
+)
