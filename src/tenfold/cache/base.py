@@ -1,0 +1,92 @@
+"""The L2 interface: a shared byte store with TTLs, tags and an invalidation channel.
+
+Contract for every backend:
+- `get` returns the bytes stored for a key, or None for a miss; it never raises
+  for an unreachable or slow server (that is a miss, within the backend's timeout).
+- `set`, `delete`, `delete_tag` and `publish` are best effort in the same way:
+  a failure is logged once per outage, never raised to the caller.
+- `subscribe` delivers every message published on the channel, by any process
+  sharing the backend, to `on_message`; `on_message(None)` means "messages may
+  have been missed" (e.g. after a reconnect), and the receiver must drop what
+  it cannot vouch for.
+Keys, tags and channels arrive fully prefixed: backends add nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tenfold.errors import ConfigError
+
+__all__ = ["L2Backend", "OnMessage", "from_url"]
+
+OnMessage = Callable[[bytes | None], None]
+
+
+class L2Backend(ABC):
+    """A shared second-level cache; see the module docstring for the contract."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The bytes stored for `key`, or None (a miss, or the backend is down)."""
+
+    @abstractmethod
+    async def set(self, key: str, value: bytes, ttl_s: float, tags: Sequence[str] = ()) -> None:
+        """Store `value` for `ttl_s` seconds and record `key` under each tag."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove `key`."""
+
+    @abstractmethod
+    async def delete_tag(self, tag: str) -> None:
+        """Remove every key recorded under `tag`, and the tag."""
+
+    @abstractmethod
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Send `message` to every subscriber of `channel`."""
+
+    @abstractmethod
+    async def subscribe(self, channel: str, on_message: OnMessage) -> None:
+        """Deliver `channel`'s messages to `on_message` until `close()`.
+
+        Returns once subscribed, or after the backend's timeout if it cannot
+        subscribe yet (it keeps trying in the background).
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections and stop listening."""
+
+
+_BACKENDS = {
+    "memory": "tenfold.cache.memory:MemoryL2",
+    "redis": "tenfold.cache.redis:RedisL2",
+    "rediss": "tenfold.cache.redis:RedisL2",
+}
+
+
+def from_url(url: str, **options: Any) -> L2Backend:
+    """The L2 backend for `memory://` or `redis://host:port/db` (also `rediss://`).
+
+    Args:
+        url: the backend URL; its scheme picks the backend.
+        options: keyword options for that backend's constructor.
+
+    Raises:
+        ConfigError: for an unknown scheme.
+    """
+    scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
+    target = _BACKENDS.get(scheme)
+    if target is None:
+        raise ConfigError(
+            "TENFOLD_CACHE_URL",
+            f"unknown scheme in {url!r}; accepted: {', '.join(s + '://' for s in _BACKENDS)}",
+        )
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    backend: L2Backend = cls.from_url(url, **options)
+    return backend
