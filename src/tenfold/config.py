@@ -20,8 +20,10 @@ or as an explicit list (TOML, or JSON in `TENFOLD_SHARDS`)::
 from __future__ import annotations
 
 import contextvars
+import importlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -38,7 +40,14 @@ from pydantic_settings import (
 from tenfold.errors import ConfigError
 from tenfold.keyspace import SLOTS
 
-__all__ = ["DATA_SCHEMES", "Settings", "ShardSpec", "load_settings", "redact_url"]
+__all__ = [
+    "DATA_SCHEMES",
+    "Settings",
+    "ShardSpec",
+    "backend_class",
+    "load_settings",
+    "redact_url",
+]
 
 DATA_SCHEMES = ("sqlite", "postgresql")
 _SCHEME_ALIASES = {"postgres": "postgresql"}
@@ -69,6 +78,25 @@ def redact_url(url: str) -> str:
 
 def _hide_passwords(text: str) -> str:
     return _USERINFO.sub(r"\1:***@", text)
+
+
+def backend_class(url: str, backends: Mapping[str, str], setting: str) -> Any:
+    """The class registered for `url`'s scheme in `backends` ("scheme" → "module:Class").
+
+    Modules import lazily, so an optional dependency is needed only when used.
+
+    Raises:
+        ConfigError: naming `setting` and the accepted schemes, for any other URL.
+    """
+    scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
+    target = backends.get(scheme)
+    if target is None:
+        accepted = ", ".join(f"{s}://" for s in backends)
+        raise ConfigError(
+            setting, f"unknown scheme in {redact_url(str(url))!r}; accepted: {accepted}"
+        )
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def check_data_url(setting: str, url: str) -> str:

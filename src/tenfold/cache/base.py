@@ -14,12 +14,11 @@ Keys, tags and channels arrive fully prefixed: backends add nothing.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tenfold.errors import ConfigError
+from tenfold.config import backend_class
 
 __all__ = ["L2Backend", "OnMessage", "from_url"]
 
@@ -79,14 +78,6 @@ def from_url(url: str, **options: Any) -> L2Backend:
     Raises:
         ConfigError: for an unknown scheme.
     """
-    scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
-    target = _BACKENDS.get(scheme)
-    if target is None:
-        raise ConfigError(
-            "TENFOLD_CACHE_URL",
-            f"unknown scheme in {url!r}; accepted: {', '.join(s + '://' for s in _BACKENDS)}",
-        )
-    module, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    backend: L2Backend = cls.from_url(url, **options)
-    return backend
+    cls = backend_class(url, _BACKENDS, "TENFOLD_CACHE_URL")
+    result: L2Backend = cls.from_url(url, **options)
+    return result

@@ -21,7 +21,6 @@ tests/integration/test_events_backends.py runs it against each):
 from __future__ import annotations
 
 import abc
-import importlib
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from tenfold.config import backend_class
 from tenfold.errors import ConfigError, TopicError
 
 __all__ = [
@@ -297,14 +297,5 @@ _BACKENDS = {
 
 def backend_from_url(url: str, **options: Any) -> StreamBackend:
     """The stream backend for `memory://` or `nats://host:port`."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    target = _BACKENDS.get(scheme)
-    if target is None:
-        raise ConfigError(
-            "TENFOLD_EVENTS_URL",
-            f"unknown scheme in {url!r}; accepted: {', '.join(s + '://' for s in _BACKENDS)}",
-        )
-    module, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    backend: StreamBackend = cls(url, **options)
+    backend: StreamBackend = backend_class(url, _BACKENDS, "TENFOLD_EVENTS_URL")(url, **options)
     return backend

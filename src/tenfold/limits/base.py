@@ -18,11 +18,10 @@ tests/integration/test_limits_storages.py runs it against each):
 from __future__ import annotations
 
 import abc
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
-from tenfold.errors import ConfigError
+from tenfold.config import backend_class
 from tenfold.limits.gcra import Decision
 from tenfold.limits.rules import Rule
 
@@ -75,14 +74,6 @@ def from_url(url: str, **options: Any) -> LimiterStorage:
     Raises:
         ConfigError: for an unknown scheme.
     """
-    scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
-    target = _STORAGES.get(scheme)
-    if target is None:
-        raise ConfigError(
-            "TENFOLD_LIMITS_URL",
-            f"unknown scheme in {url!r}; accepted: {', '.join(s + '://' for s in _STORAGES)}",
-        )
-    module, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    storage: LimiterStorage = cls.from_url(url, **options)
-    return storage
+    cls = backend_class(url, _STORAGES, "TENFOLD_LIMITS_URL")
+    result: LimiterStorage = cls.from_url(url, **options)
+    return result
