@@ -24,6 +24,7 @@ to the most specific error below. Every message names the thing that failed
     ├── ResilienceError        a resilience guard refused or cut short a call
     │   ├── CircuitOpen        a circuit breaker is open for a dependency
     │   ├── BulkheadFull       a bulkhead had no free slot within its wait bound
+    │   ├── Overloaded         admission control shed a request (503 + Retry-After)
     │   └── DeadlineExceeded   an operation ran past its deadline
     ├── MissingDependency      an optional extra is not installed
     └── CacheError             a cache key or value that cannot be serialised or is too large
@@ -44,6 +45,7 @@ __all__ = [
     "KeyspaceError",
     "MigrationError",
     "MissingDependency",
+    "Overloaded",
     "PayloadError",
     "QueryError",
     "RateLimitError",
@@ -248,3 +250,18 @@ class CacheError(TenfoldError, ValueError):
         self.key = key
         self.problem = problem
         super().__init__(f"cache key {str(key)[:200]!r}: {problem}; nothing was cached")
+
+
+class Overloaded(ResilienceError):
+    """Admission control shed the request: the service is at its concurrency limit."""
+
+    def __init__(self, priority: str, limit: int, in_flight: int, retry_after_s: float) -> None:
+        self.priority = priority
+        self.limit = limit
+        self.in_flight = in_flight
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"overloaded: {in_flight} requests in flight against an adaptive limit of {limit}; "
+            f"this {priority!r} request was shed and not run: answer 503 with Retry-After "
+            f"{retry_after_s:g} s, and add capacity if shedding persists"
+        )

@@ -11,6 +11,7 @@ if not decision.allowed:
 
 from __future__ import annotations
 
+from tenfold.limits.admission import AdmissionController, AimdLimit, LimitAlgorithm
 from tenfold.limits.base import DecideItem, LimiterStorage, from_url
 from tenfold.limits.gcra import Decision, decide
 from tenfold.limits.limiter import RateLimiter, headers
@@ -18,8 +19,11 @@ from tenfold.limits.memory import MemoryStorage
 from tenfold.limits.rules import Rule, parse_rule
 
 __all__ = [
+    "AdmissionController",
+    "AimdLimit",
     "DecideItem",
     "Decision",
+    "LimitAlgorithm",
     "LimiterStorage",
     "MemoryStorage",
     "RateLimiter",

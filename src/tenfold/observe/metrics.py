@@ -99,3 +99,17 @@ cache_invalidations = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+admission_limit = Gauge(
+    "tenfold_admission_limit",
+    "Current adaptive concurrency limit of admission control.",
+    registry=REGISTRY,
+)
+admission_in_flight = Gauge(
+    "tenfold_admission_in_flight", "Requests admitted and not yet finished.", registry=REGISTRY
+)
+admission_shed = Counter(
+    "tenfold_admission_shed_total",
+    "Requests shed by admission control (503 + Retry-After), by priority class.",
+    ["priority"],
+    registry=REGISTRY,
+)
