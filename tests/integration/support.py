@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from tenfold import ShardedDatabase
 from tenfold.config import Settings, ShardSpec
@@ -49,3 +52,19 @@ def free_port() -> int:
 
 def with_shards(settings: Settings, shards: list[ShardSpec]) -> Settings:
     return settings.model_copy(update={"shards": shards})
+
+
+async def wait_until(
+    condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll `condition` (sync or async) until it is truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -32,6 +32,7 @@ from tenfold.events.base import (
 from tenfold.events.memory import MemoryStreams
 from tenfold.events.outbox import new_event_id
 from tenfold.keyspace import slot_of
+from tests.integration.support import wait_until
 
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -125,21 +126,6 @@ def make_event(spec: TopicSpec, key: str, n: int, *, slot: int | None = None) ->
 def on_partition(spec: TopicSpec, p: int, key: str, n: int) -> Event:
     """An event whose slot lands on partition `p` of `spec`."""
     return make_event(spec, key, n, slot=p)
-
-
-async def wait_until(
-    condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- order and parallelism --------------------------------------------------------

@@ -13,7 +13,6 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from tenfold.events.memory import MemoryStreams
 from tenfold.events.outbox import emit, event_of_row, key_text
 from tenfold.events.relay import OutboxRelay
 from tenfold.keyspace import slot_of
-from tests.integration.support import FakeClock
+from tests.integration.support import FakeClock, wait_until
 
 ORDERS = "CREATE TABLE orders (slot INTEGER NOT NULL, id TEXT PRIMARY KEY, event_id TEXT NOT NULL)"
 
@@ -81,19 +80,6 @@ async def outbox_rows(db: Any, shard: str = "s0") -> list[Any]:
 async def count(db: Any, table: str, shard: str = "s0") -> int:
     async with db.shard(shard) as conn:
         return int(await conn.fetchval(f"SELECT COUNT(*) FROM {table}"))
-
-
-async def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- emit -------------------------------------------------------------------------------
