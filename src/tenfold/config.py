@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -194,6 +194,33 @@ class Settings(BaseSettings):
     consumer_initial_backoff_s: float = 0.2
     consumer_max_backoff_s: float = 30.0
     handler_timeout_s: float = 30.0
+
+    cache_url: str = "memory://"
+    cache_prefix: str = "tenfold"
+    limits_url: str = "memory://"
+    # name -> rule; the gateway applies "per user" rules to authenticated requests
+    # and "per ip" rules to anonymous ones; other scopes are for the app's own checks.
+    rate_limits: dict[str, str] = {
+        "ip": "1200/minute burst 200 per ip",
+        "user": "10000/minute burst 500 per user",
+    }
+    admission_enabled: bool = True
+    admission_max_queue: int = 256
+    admission_max_wait_s: float = 0.05
+    admission_initial_limit: int = 64
+    admission_max_limit: int = 1000
+    max_body_bytes: int = 64 * 1024
+    auth_secret: SecretStr = SecretStr("")
+    auth_secret_file: Path = Path("data/auth.secret")
+    auth_issuer: str = "tenfold"
+    auth_audience: str = "tenfold-app"
+    access_ttl_s: float = 900.0
+    refresh_ttl_s: float = 30 * 86400.0
+    password_profile: str = "default"
+    log_format: str = "json"
+    log_level: str = "INFO"
+    trace_exporter: str = "none"
+    drain_timeout_s: float = 10.0
 
     @field_validator("catalog_url")
     @classmethod

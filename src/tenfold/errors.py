@@ -27,12 +27,20 @@ to the most specific error below. Every message names the thing that failed
     │   ├── Overloaded         admission control shed a request (503 + Retry-After)
     │   └── DeadlineExceeded   an operation ran past its deadline
     ├── MissingDependency      an optional extra is not installed
-    └── CacheError             a cache key or value that cannot be serialised or is too large
+    ├── CacheError             a cache key or value that cannot be serialised or is too large
+    └── AuthError              authentication refused (carries an HTTP status and a safe reason)
+        ├── InvalidCredentials   wrong user name or password (401)
+        ├── PasswordPolicyError  a new password breaks the password policy (422)
+        ├── PasswordHashInvalid  a stored password hash cannot be read (500)
+        └── TokenInvalid         a malformed, forged, unknown or revoked token (401)
+            ├── TokenExpired     a token past its expiry (401)
+            └── TokenReused      a rotated refresh token presented again: family revoked (401)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "BrokerUnavailable",
     "BulkheadFull",
     "CacheError",
@@ -42,10 +50,13 @@ __all__ = [
     "DataError",
     "DeadlineExceeded",
     "EventError",
+    "InvalidCredentials",
     "KeyspaceError",
     "MigrationError",
     "MissingDependency",
     "Overloaded",
+    "PasswordHashInvalid",
+    "PasswordPolicyError",
     "PayloadError",
     "QueryError",
     "RateLimitError",
@@ -55,6 +66,9 @@ __all__ = [
     "ShardUnavailable",
     "StaleEpoch",
     "TenfoldError",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenReused",
     "TopicError",
     "TopologyError",
 ]
@@ -265,3 +279,87 @@ class Overloaded(ResilienceError):
             f"this {priority!r} request was shed and not run: answer 503 with Retry-After "
             f"{retry_after_s:g} s, and add capacity if shedding persists"
         )
+
+
+class AuthError(TenfoldError):
+    """Authentication failed or was refused.
+
+    The attributes are what `tenfold.gateway.problems` turns into a response:
+    `http_status`, `reason` (safe to show the client: it never contains a
+    token, a password or a hash), `slug` (the problem type) and `headers`
+    (`WWW-Authenticate` on a 401). `str(exc)` may add a server-side `detail`
+    for the logs, still without secrets.
+    """
+
+    http_status: int = 401
+    slug: str = "unauthenticated"
+    code: str = "invalid_request"  # the RFC 6750 error code of the challenge
+
+    def __init__(self, reason: str, *, detail: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(reason if detail is None else f"{reason} ({detail})")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`WWW-Authenticate` for a 401 answer (RFC 6750), else nothing."""
+        if self.http_status != 401:
+            return {}
+        description = self.reason.replace("\\", "").replace('"', "'")
+        return {
+            "WWW-Authenticate": f'Bearer error="{self.code}", error_description="{description}"'
+        }
+
+
+class InvalidCredentials(AuthError):
+    """Wrong user name or password; deliberately does not say which."""
+
+    slug = "invalid-credentials"
+    code = "invalid_grant"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__("wrong user name or password", detail=detail)
+
+
+class PasswordPolicyError(AuthError, ValueError):
+    """A new password breaks the password policy; the reason says how to fix it."""
+
+    http_status = 422
+    slug = "weak-password"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+
+
+class PasswordHashInvalid(AuthError):
+    """A stored password hash is not a hash this hasher can read (corrupt or foreign)."""
+
+    http_status = 500
+    slug = "internal"
+    code = "server_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("credentials could not be checked; try again later", detail=detail)
+
+
+class TokenInvalid(AuthError):
+    """A token that is malformed, forged, unknown, revoked or not accepted here."""
+
+    slug = "invalid-token"
+    code = "invalid_token"
+
+
+class TokenExpired(TokenInvalid):
+    """A token past its expiry: get a new one (refresh, or sign in again)."""
+
+    slug = "token-expired"
+
+
+class TokenReused(TokenInvalid):
+    """A refresh token presented after it was rotated or revoked.
+
+    The whole token family (every token descended from the same sign-in) has
+    been revoked: whoever holds it must sign in again.
+    """
+
+    slug = "token-reused"

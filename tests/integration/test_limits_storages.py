@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from tenfold.errors import ConfigError
 from tenfold.limits import LimiterStorage, MemoryStorage, RateLimiter, Rule, from_url
-from tenfold.limits.base import DecideItem
 from tenfold.limits.redis import OnError, RedisStorage
 
 TEN_PER_S = Rule(limit=10, period_s=1.0)  # T = 0.1 s, burst 10
@@ -101,7 +102,7 @@ async def test_keys_expire(make_storage: MakeStorage) -> None:
     await storage.decide("gone", rule)
     await asyncio.sleep(0.15)
     if isinstance(storage, RedisStorage):
-        assert await storage._client.exists(storage.prefix + "gone") == 0
+        assert await storage._client.execute("EXISTS", storage.prefix + "gone") == 0
     else:
         assert isinstance(storage, MemoryStorage)
         assert storage.purge_expired() == 1
@@ -119,7 +120,7 @@ async def test_two_clients_share_the_limit(redis_url: str) -> None:
         assert not (await one.check("msg", "u1")).allowed
         assert not (await two.check("msg", "u1")).allowed
     finally:
-        await a._client.delete(prefix + "msg:u1")
+        await a._client.execute("DEL", prefix + "msg:u1")
         await a.close()
         await b.close()
 
@@ -129,14 +130,14 @@ async def test_script_reloaded_after_flush(redis_url: str) -> None:
     storage = RedisStorage(redis_url, prefix=prefix, timeout_s=2.0)
     try:
         assert (await storage.decide("f", TEN_PER_S)).allowed
-        await storage._client.script_flush()
+        await storage._client.execute("SCRIPT", "FLUSH")
         assert (await storage.decide("f", TEN_PER_S)).remaining == 8
-        await storage._client.script_flush()
+        await storage._client.execute("SCRIPT", "FLUSH")
         batch = await storage.decide_many([("f", TEN_PER_S, 1), ("g", TEN_PER_S, 1)])
         assert [d.remaining for d in batch] == [7, 9]
         assert storage.failures == 0
     finally:
-        await storage._client.delete(prefix + "f", prefix + "g")
+        await storage._client.execute("DEL", prefix + "f", prefix + "g")
         await storage.close()
 
 
@@ -220,7 +221,7 @@ async def test_recovers_when_redis_answers_again(redis_url: str) -> None:
         assert (await storage.decide("r", TEN_PER_S)).remaining == 9  # Redis again, fresh key
         assert storage.failures == 1
     finally:
-        await storage._client.delete(prefix + "r")
+        await storage._client.execute("DEL", prefix + "r")
         await storage.close()
 
 
@@ -250,22 +251,18 @@ async def test_concurrent_decides_share_round_trips(
 ) -> None:
     prefix = f"tftest:{uuid.uuid4().hex[:10]}:"
     storage = RedisStorage(redis_url, prefix=prefix, timeout_s=2.0)
-    round_trips: list[int] = []  # items per round trip
-    pipeline, evalsha = storage._pipeline, storage._evalsha
-
-    async def counted_pipeline(items: Sequence[DecideItem]) -> list[object]:
-        round_trips.append(len(items))
-        return await pipeline(items)
-
-    async def counted_evalsha(client: object, key: str, rule: Rule, cost: int) -> list[object]:
-        round_trips.append(1)
-        return await evalsha(client, key, rule, cost)
-
-    monkeypatch.setattr(storage, "_pipeline", counted_pipeline)
-    monkeypatch.setattr(storage, "_evalsha", counted_evalsha)
+    in_flight: list[int] = []  # calls awaiting a reply on the connection, at each send
     try:
-        assert (await storage.decide("warm", TEN_PER_S)).allowed  # loads the script
-        round_trips.clear()
+        assert (await storage.decide("warm", TEN_PER_S)).allowed  # connects, loads the script
+        conn = storage._client._slots[0]
+        assert conn is not None
+        send = conn.send
+
+        def counted_send(data: bytes, waiter: Any) -> None:
+            send(data, waiter)
+            in_flight.append(len(conn.waiters))
+
+        monkeypatch.setattr(conn, "send", counted_send)
         keys = [f"k{i}" for i in range(200)]
 
         async def worker(chunk: list[str]) -> list[bool]:
@@ -273,11 +270,10 @@ async def test_concurrent_decides_share_round_trips(
 
         results = await asyncio.gather(*(worker(keys[i::20]) for i in range(20)))
         assert all(all(allowed) for allowed in results)
-        assert sum(round_trips) == 200 and storage.failures == 0
-        assert len(round_trips) <= 40  # 200 calls, 20 at a time: ~10-20 round trips, not 200
-        assert max(round_trips) > 1
+        assert len(in_flight) == 200 and storage.failures == 0
+        assert max(in_flight) >= 10  # 20 callers share the socket, not one round trip each
     finally:
-        await storage._client.delete(*(prefix + k for k in ["warm", *keys]))
+        await storage._client.execute("DEL", *(prefix + k for k in ["warm", *keys]))
         await storage.close()
 
 
@@ -295,7 +291,9 @@ async def test_cancelled_caller_does_not_break_the_batch(redis_url: str) -> None
         assert storage.failures == 0
         assert (await storage.decide("after", TEN_PER_S)).allowed
     finally:
-        await storage._client.delete(*(prefix + f"c{i}" for i in range(30)), prefix + "after")
+        await storage._client.execute(
+            "DEL", *(prefix + f"c{i}" for i in range(30)), prefix + "after"
+        )
         await storage.close()
 
 
@@ -330,3 +328,40 @@ async def test_silent_server_under_concurrency_is_bounded() -> None:
     finally:
         await storage.close()
         server.close()
+
+
+async def test_server_going_silent_after_load_is_bounded() -> None:
+    """The hot path (script loaded, connected) is bounded by the client's own timer."""
+    from tenfold.limits.redis import SCRIPT_SHA
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def answer_load_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"SCRIPT")  # SCRIPT LOAD: answer it, then never again
+            writer.write(b"$40\r\n%s\r\n" % SCRIPT_SHA.encode())
+            await reader.read()
+
+    server = await asyncio.start_server(answer_load_only, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    storage = RedisStorage(f"redis://127.0.0.1:{port}/0", timeout_s=0.2, recheck_after_s=60)
+    try:
+        started = time.monotonic()
+        first = await storage.decide("u", TEN_PER_S)  # loads, then the EVALSHA times out
+        assert storage.failures == 1 and first.allowed
+        storage._down_until = None  # as if recheck_after_s had passed
+        storage._loaded = True  # the hot path: no SCRIPT LOAD, only the EVALSHA
+        async with asyncio.timeout(2.0):  # a failure, not a hang, if unbounded
+            decisions = await asyncio.gather(*(storage.decide("u", TEN_PER_S) for _ in range(20)))
+        assert time.monotonic() - started < 0.8
+        assert storage.failures == 21  # answered locally: 9 left, plus what refilled
+        assert (
+            9 <= sum(d.allowed for d in decisions) <= 9 + round((time.monotonic() - started) / 0.1)
+        )
+    finally:
+        await storage.close()
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -71,3 +71,18 @@ def test_delete_tag_and_clear() -> None:
 def test_bounds_are_validated(options: dict[str, int]) -> None:
     with pytest.raises(ConfigError):
         L1Cache(**options)
+
+
+def test_meta_is_kept_and_its_bytes_count() -> None:
+    l1 = L1Cache(max_entries=10, max_bytes=20, clock=FakeClock())
+    meta = object()
+    assert l1.put("a", b"1234", 10, meta=meta, meta_bytes=6)
+    entry = l1.entry("a")
+    assert entry is not None and entry.meta is meta and entry.payload == b"1234"
+    assert l1.total_bytes == 10
+    assert l1.put("b", b"1234", 10, meta=meta, meta_bytes=6)
+    assert l1.put("c", b"12", 10)  # 22 > 20: a (LRU) goes
+    assert "a" not in l1 and l1.total_bytes == 12
+    assert not l1.put("d", b"1", 10, meta=meta, meta_bytes=20)  # too big with its meta
+    l1.delete("b")
+    assert l1.total_bytes == 2 and l1.entry("missing") is None

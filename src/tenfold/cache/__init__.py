@@ -4,6 +4,10 @@ cache = TieredCache(L1Cache(), from_url("redis://127.0.0.1:6379/0"), prefix="are
 room = await cache.get_or_load(f"room:{room_id}", lambda: load_room(room_id),
                                ttl_s=30, stale_ttl_s=10, tags=[f"user:{owner}"])
 await cache.invalidate(f"room:{room_id}")   # L2 deleted, every process's L1 dropped
+await cache.warm_keys(room_keys, load_room_by_key, concurrency=16)
+
+Options: probabilistic early refresh (`early_refresh_beta`), a cluster-wide
+single-flight lock (`cluster_lock=True`, `lock_ttl_s`); see docs/cache.md.
 
 Invalidation propagation bound: while Redis pub/sub is connected, every
 process drops its L1 copy one Redis hop after `invalidate` returns
@@ -16,6 +20,15 @@ from __future__ import annotations
 from tenfold.cache.base import L2Backend, OnMessage, from_url
 from tenfold.cache.l1 import L1Cache
 from tenfold.cache.memory import MemoryL2
-from tenfold.cache.tiered import Loader, TieredCache
+from tenfold.cache.tiered import Loader, TieredCache, WarmReport
 
-__all__ = ["L1Cache", "L2Backend", "Loader", "MemoryL2", "OnMessage", "TieredCache", "from_url"]
+__all__ = [
+    "L1Cache",
+    "L2Backend",
+    "Loader",
+    "MemoryL2",
+    "OnMessage",
+    "TieredCache",
+    "WarmReport",
+    "from_url",
+]

@@ -9,6 +9,13 @@ Contract for every backend:
   sharing the backend, to `on_message`; `on_message(None)` means "messages may
   have been missed" (e.g. after a reconnect), and the receiver must drop what
   it cannot vouch for.
+- `try_lock` / `unlock` are a lease for the cluster-wide single-flight lock:
+  `try_lock` answers True (acquired), False (held by someone else) or None
+  (unknown: the backend is down or slow), never raises; `unlock` deletes the
+  lock only if it still holds the caller's token (compare-and-delete), so a
+  lock that expired and was taken over is never released by its old owner.
+- `get_many` / `set_many` batch reads and writes (one round trip where the
+  backend can); the defaults loop over `get` / `set`.
 Keys, tags and channels arrive fully prefixed: backends add nothing.
 """
 
@@ -55,6 +62,23 @@ class L2Backend(ABC):
         Returns once subscribed, or after the backend's timeout if it cannot
         subscribe yet (it keeps trying in the background).
         """
+
+    @abstractmethod
+    async def try_lock(self, key: str, token: str, ttl_s: float) -> bool | None:
+        """Set `key` to `token` for `ttl_s` s if absent: True, False (held) or None (unknown)."""
+
+    @abstractmethod
+    async def unlock(self, key: str, token: str) -> bool | None:
+        """Delete `key` if it holds `token`: True (released), False (not ours) or None (unknown)."""
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """`get` of each key, in order."""
+        return [await self.get(key) for key in keys]
+
+    async def set_many(self, items: Sequence[tuple[str, bytes, float, Sequence[str]]]) -> None:
+        """`set(key, value, ttl_s, tags)` for each item."""
+        for key, value, ttl_s, tags in items:
+            await self.set(key, value, ttl_s, tags)
 
     @abstractmethod
     async def close(self) -> None:

@@ -7,6 +7,10 @@ Invariants:
 
 Entries are bytes (the same envelope the L2 stores), so the byte bound is the
 size of what is held, and callers never share a mutable object through the cache.
+An entry may also carry `meta`, an object its writer decoded from the bytes once
+(TieredCache keeps the envelope's times and the value there, so a hit does not
+decode the whole envelope again); the writer declares `meta_bytes`, what that
+object holds beyond the payload, and the byte bound counts it.
 Not thread-safe: one event loop owns it.
 """
 
@@ -16,17 +20,22 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from tenfold.errors import ConfigError
 
-__all__ = ["L1Cache"]
+__all__ = ["L1Cache", "L1Entry"]
 
 
 @dataclass(slots=True)
-class _Entry:
+class L1Entry:
+    """One held entry: the payload, its expiry, its tags, and the writer's decoded `meta`."""
+
     payload: bytes
     expires_at: float
     tags: frozenset[str]
+    meta: Any
+    size: int
 
 
 class L1Cache:
@@ -55,7 +64,7 @@ class L1Cache:
         self.clock = clock
         self.total_bytes = 0
         self.evictions = 0
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, L1Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -74,13 +83,37 @@ class L1Cache:
         self._entries.move_to_end(key)
         return entry.payload
 
-    def put(self, key: str, payload: bytes, ttl_s: float, tags: Iterable[str] = ()) -> bool:
-        """Store `payload` for `ttl_s` seconds; False (and nothing stored) if it cannot fit."""
+    def entry(self, key: str) -> L1Entry | None:
+        """Like `get`, but the whole entry (payload and `meta`); do not mutate it."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self.clock() >= entry.expires_at:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(
+        self,
+        key: str,
+        payload: bytes,
+        ttl_s: float,
+        tags: Iterable[str] = (),
+        *,
+        meta: Any = None,
+        meta_bytes: int = 0,
+    ) -> bool:
+        """Store `payload` for `ttl_s` seconds; False (and nothing stored) if it cannot fit.
+
+        `meta` is kept with the payload and returned by `entry`; `meta_bytes` is
+        its size beyond the payload, counted against `max_bytes`.
+        """
         self._drop(key)
-        size = len(payload)
+        size = len(payload) + max(0, meta_bytes)
         if ttl_s <= 0 or size > self.max_bytes:
             return False
-        self._entries[key] = _Entry(payload, self.clock() + ttl_s, frozenset(tags))
+        self._entries[key] = L1Entry(payload, self.clock() + ttl_s, frozenset(tags), meta, size)
         self.total_bytes += size
         if len(self._entries) > self.max_entries or self.total_bytes > self.max_bytes:
             self._evict()
@@ -106,7 +139,7 @@ class L1Cache:
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        self.total_bytes -= len(entry.payload)
+        self.total_bytes -= entry.size
         return True
 
     def _evict(self) -> None:

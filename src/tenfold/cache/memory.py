@@ -38,6 +38,7 @@ class MemoryL2(L2Backend):
         self._data: OrderedDict[str, tuple[bytes, float, tuple[str, ...]]] = OrderedDict()
         self._tags: dict[str, set[str]] = {}
         self._subscribers: dict[str, list[OnMessage]] = {}
+        self._locks: dict[str, tuple[str, float]] = {}  # key → (token, expires_at)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryL2:
@@ -79,6 +80,26 @@ class MemoryL2(L2Backend):
                 keys.discard(key)
                 if not keys:
                     del self._tags[tag]
+
+    async def try_lock(self, key: str, token: str, ttl_s: float) -> bool | None:
+        now = self.clock()
+        held = self._locks.get(key)
+        if held is not None and now < held[1]:
+            return False
+        if len(self._locks) >= self.max_entries:  # bounded: prune expired leases
+            for stale in [k for k, (_, until) in self._locks.items() if now >= until]:
+                del self._locks[stale]
+            if len(self._locks) >= self.max_entries:
+                return None  # cannot record it: unknown, the caller loads locally
+        self._locks[key] = (token, now + ttl_s)
+        return True
+
+    async def unlock(self, key: str, token: str) -> bool | None:
+        held = self._locks.get(key)
+        if held is None or held[0] != token:
+            return False
+        del self._locks[key]
+        return held[1] > self.clock()
 
     async def publish(self, channel: str, message: bytes) -> None:
         loop = asyncio.get_running_loop()

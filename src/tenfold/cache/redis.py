@@ -4,10 +4,16 @@ Every command runs within `timeout_s`; an error or timeout marks Redis down for
 `recheck_after_s` (during which calls answer as a miss / no-op without trying),
 logs one warning per outage, and is never raised to the caller.
 
-The subscriber holds its own connection (no read timeout: it waits for
+Commands go through `tenfold.resp.RespClient` (one auto-pipelined socket: an
+L2 hit is one GET without a connection-pool checkout, about a third of
+redis-py's per-call cost; see `benchmarks/cache_hits.py`); pub/sub stays on
+redis-py. The subscriber holds its own connection (no read timeout: it waits for
 messages) and reconnects every `recheck_after_s` while Redis is unreachable.
 After any reconnect it calls `on_message(None)`, because messages published
 while it was away are lost (pub/sub is fire-and-forget).
+
+The cluster lock is `SET key token NX PX ttl`; it is released by a Lua
+compare-and-delete, so only the holder of the token can delete it.
 
 Tag sets get the longest TTL of their members (`EXPIRE NX` then `EXPIRE GT`,
 Redis >= 7), so a tag outlives every key recorded under it.
@@ -25,6 +31,7 @@ from typing import Any, TypeVar
 from tenfold.cache.base import L2Backend, OnMessage
 from tenfold.config import redact_url
 from tenfold.errors import ConfigError, MissingDependency
+from tenfold.resp import RespClient, RespReplyError, pack_bulk
 
 try:
     import redis.asyncio as aioredis
@@ -38,8 +45,14 @@ __all__ = ["RedisL2"]
 
 log = logging.getLogger("tenfold.cache.redis")
 
-_ERRORS = (RedisError, OSError, TimeoutError)
+_ERRORS = (RedisError, RespReplyError, OSError, TimeoutError)
+_GET = b"*2\r\n$3\r\nGET\r\n"
 T = TypeVar("T")
+
+# Delete KEYS[1] only if it still holds our token ARGV[1]: 1 if deleted, else 0.
+_UNLOCK = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
 
 
 class RedisL2(L2Backend):
@@ -48,8 +61,8 @@ class RedisL2(L2Backend):
     Args:
         url: `redis://[:password@]host:port/db` or `rediss://...`.
         timeout_s: bound on one command, connect included.
-        max_connections: bound on the connection pool (callers beyond it wait,
-            within `timeout_s`).
+        connections: sockets for commands, used round robin (one carries tens of
+            thousands of pipelined calls per second).
         recheck_after_s: after a failure, how long to answer as a miss without
             trying Redis, so a dead server does not cost a timeout per call.
         clock: monotonic seconds, for `recheck_after_s` only.
@@ -60,7 +73,7 @@ class RedisL2(L2Backend):
         url: str = "redis://127.0.0.1:6379/0",
         *,
         timeout_s: float = 0.25,
-        max_connections: int = 64,
+        connections: int = 1,
         recheck_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -68,8 +81,8 @@ class RedisL2(L2Backend):
         for name, value in (("timeout_s", timeout_s), ("recheck_after_s", recheck_after_s)):
             if not value > 0:
                 raise ConfigError(where, f"{name} must be > 0, got {value!r}")
-        if max_connections < 1:
-            raise ConfigError(where, f"max_connections must be >= 1, got {max_connections!r}")
+        if connections < 1:
+            raise ConfigError(where, f"connections must be >= 1, got {connections!r}")
         self.url = url
         self.where = where
         self.timeout_s = timeout_s
@@ -78,19 +91,13 @@ class RedisL2(L2Backend):
         self.failures = 0  # calls answered as a miss / no-op because Redis failed
         self._down_until: float | None = None
         self._listeners: list[asyncio.Task[None]] = []
-        common: dict[str, Any] = {
-            "socket_connect_timeout": timeout_s,
-            "retry": Retry(NoBackoff(), 0),  # no hidden retries: timeout_s is the bound
-        }
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self._resp = RespClient.from_url(url, connect_timeout_s=timeout_s, connections=connections)
+        self._sub_client = aioredis.Redis.from_url(
             url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            **common,
+            socket_timeout=None,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),  # no hidden retries: timeout_s is the bound
         )
-        self._client = aioredis.Redis(connection_pool=pool)
-        self._sub_client = aioredis.Redis.from_url(url, socket_timeout=None, **common)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisL2:
@@ -98,38 +105,82 @@ class RedisL2(L2Backend):
         return cls(url, **options)
 
     async def get(self, key: str) -> bytes | None:
-        async def run() -> bytes | None:
-            value = await self._client.get(key)
-            return value if isinstance(value, bytes) else None  # no decode_responses: bytes
+        if self._down_until is not None and not self._recheck():
+            return None
+        try:
+            value = await self._resp.execute_packed(_GET + pack_bulk(key), timeout_s=self.timeout_s)
+        except _ERRORS as exc:
+            self._failed(exc)
+            return None
+        if self._down_until is not None:
+            self._back()
+        return value if isinstance(value, bytes) else None
+
+    async def set(self, key: str, value: bytes, ttl_s: float, tags: Sequence[str] = ()) -> None:
+        await self.set_many([(key, value, ttl_s, tags)])
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+
+        async def run() -> list[bytes | None]:
+            values = await self._resp.execute("MGET", *keys, timeout_s=self.timeout_s)
+            return [v if isinstance(v, bytes) else None for v in values]
+
+        return await self._call(run, [None] * len(keys))
+
+    async def set_many(self, items: Sequence[tuple[str, bytes, float, Sequence[str]]]) -> None:
+        if not items:
+            return
+        commands: list[tuple[Any, ...]] = []
+        for key, value, ttl_s, tags in items:
+            ttl_ms = max(1, int(ttl_s * 1000))
+            commands.append(("SET", key, value, "PX", ttl_ms))
+            for tag in tags:
+                commands.append(("SADD", tag, key))
+                commands.append(("PEXPIRE", tag, ttl_ms, "NX"))
+                commands.append(("PEXPIRE", tag, ttl_ms, "GT"))
+        await self._call(self._pipeline_checked(commands), None)
+
+    async def try_lock(self, key: str, token: str, ttl_s: float) -> bool | None:
+        ttl_ms = max(1, int(ttl_s * 1000))
+
+        async def run() -> bool | None:
+            reply = await self._resp.execute(
+                "SET", key, token, "NX", "PX", ttl_ms, timeout_s=self.timeout_s
+            )
+            return reply is not None
 
         return await self._call(run, None)
 
-    async def set(self, key: str, value: bytes, ttl_s: float, tags: Sequence[str] = ()) -> None:
-        ttl_ms = max(1, int(ttl_s * 1000))
+    async def unlock(self, key: str, token: str) -> bool | None:
+        async def run() -> bool | None:
+            reply = await self._resp.execute(
+                "EVAL", _UNLOCK, 1, key, token, timeout_s=self.timeout_s
+            )
+            return bool(reply)
 
-        async def run() -> None:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.set(key, value, px=ttl_ms)
-                for tag in tags:
-                    pipe.sadd(tag, key)
-                    pipe.pexpire(tag, ttl_ms, nx=True)
-                    pipe.pexpire(tag, ttl_ms, gt=True)
-                await pipe.execute()
-
-        await self._call(run, None)
+        return await self._call(run, None)
 
     async def delete(self, key: str) -> None:
-        await self._call(lambda: self._client.delete(key), None)
+        await self._call(lambda: self._resp.execute("DEL", key, timeout_s=self.timeout_s), None)
 
     async def delete_tag(self, tag: str) -> None:
         async def run() -> None:
-            keys = await self._client.smembers(tag)
-            await self._client.delete(tag, *keys)
+            keys = await self._resp.execute("SMEMBERS", tag, timeout_s=self.timeout_s)
+            await self._resp.execute("DEL", tag, *(keys or ()), timeout_s=self.timeout_s)
 
         await self._call(run, None)
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers a PING within `timeout_s` (readiness probes)."""
+        await self._resp.execute("PING", timeout_s=self.timeout_s)
+
     async def publish(self, channel: str, message: bytes) -> None:
-        await self._call(lambda: self._client.publish(channel, message), None)
+        await self._call(
+            lambda: self._resp.execute("PUBLISH", channel, message, timeout_s=self.timeout_s),
+            None,
+        )
 
     async def subscribe(self, channel: str, on_message: OnMessage) -> None:
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -146,7 +197,7 @@ class RedisL2(L2Backend):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._listeners.clear()
-        await self._client.aclose()
+        await self._resp.close()
         await self._sub_client.aclose()
 
     async def _listen(
@@ -175,20 +226,42 @@ class RedisL2(L2Backend):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(self.recheck_after_s)
 
-    async def _call(self, op: Callable[[], Awaitable[T]], default: T) -> T:
-        if self._down_until is not None and self.clock() < self._down_until:
+    def _pipeline_checked(self, commands: Sequence[Sequence[Any]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            replies = await self._resp.pipeline(commands, timeout_s=self.timeout_s)
+            for reply in replies:
+                if isinstance(reply, RespReplyError):
+                    raise reply
+
+        return run
+
+    def _recheck(self) -> bool:
+        """True when a down Redis may be tried again; else counts the skipped call."""
+        assert self._down_until is not None
+        if self.clock() < self._down_until:
             self.failures += 1
+            return False
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        self._mark_down(exc)
+
+    def _back(self) -> None:
+        log.info("%s answers again; the shared cache is back", self.where)
+        self._down_until = None
+
+    async def _call(self, op: Callable[[], Awaitable[T]], default: T) -> T:
+        """Run `op` (whose commands carry `timeout_s`); a failure is `default`, never raised."""
+        if self._down_until is not None and not self._recheck():
             return default
         try:
-            async with asyncio.timeout(self.timeout_s):
-                result = await op()
+            result = await op()
         except _ERRORS as exc:
-            self.failures += 1
-            self._mark_down(exc)
+            self._failed(exc)
             return default
         if self._down_until is not None:
-            log.info("%s answers again; the shared cache is back", self.where)
-            self._down_until = None
+            self._back()
         return result
 
     def _mark_down(self, exc: BaseException) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from tenfold import __version__
-from tenfold.cli import db, events, shards
+from tenfold.cli import bench, db, events, shards, up
 from tenfold.cli.output import errors
 from tenfold.errors import TenfoldError
 
@@ -21,6 +21,8 @@ app = typer.Typer(
 app.add_typer(shards.app, name="shards")
 app.add_typer(db.app, name="db")
 app.add_typer(events.app, name="events")
+app.command("up")(up.up)
+app.command("bench")(bench.bench)
 
 
 @app.callback()

@@ -32,6 +32,7 @@ BUILTIN_DIR = Path(__file__).parent / "migrations"
 BUILTIN = (
     (BUILTIN_DIR, "tenfold"),
     (Path(__file__).parent.parent / "events" / "migrations", "tenfold.events"),
+    (Path(__file__).parent.parent / "gateway" / "auth" / "migrations", "tenfold.auth"),
 )
 _DIALECTS = ("sqlite", "postgresql")
 _TABLE = """CREATE TABLE IF NOT EXISTS tenfold_migrations (

@@ -10,7 +10,12 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    nullcontext,
+)
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +27,7 @@ from tenfold.errors import (
     ShardTimeout,
     ShardUnavailable,
 )
+from tenfold.observe import tracing
 
 try:
     import asyncpg
@@ -31,6 +37,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 __all__ = ["PostgresPool"]
 
 _UNREACHABLE = (OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError)
+
+
+_NO_SPAN = nullcontext()
 
 
 class PostgresConnection(Connection):
@@ -44,9 +53,18 @@ class PostgresConnection(Connection):
         self._after_commit: list[Callable[[], None]] = []
         self._depth = 0
 
+    def _span(self, sql: str) -> AbstractContextManager[Any]:
+        if not tracing.enabled():
+            return _NO_SPAN
+        return tracing.child_span(
+            "db.query",
+            {"db.system": "postgresql", "tenfold.shard": self.shard, "db.statement": sql[:200]},
+        )
+
     async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> int:
         try:
-            status: str = await self._raw.execute(sql, *args, timeout=timeout)
+            with self._span(sql):
+                status: str = await self._raw.execute(sql, *args, timeout=timeout)
         except Exception as exc:
             raise _map_error(self._pool, exc, sql, timeout) from exc
         # "INSERT 0 3", "UPDATE 2", "CREATE TABLE": the count is the last word, if any.
@@ -57,20 +75,23 @@ class PostgresConnection(Connection):
         self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:
         try:
-            await self._raw.executemany(sql, args, timeout=timeout)
+            with self._span(sql):
+                await self._raw.executemany(sql, args, timeout=timeout)
         except Exception as exc:
             raise _map_error(self._pool, exc, sql, timeout) from exc
 
     async def fetch(self, sql: str, *args: Any, timeout: float | None = None) -> list[Record]:
         try:
-            rows: list[Record] = await self._raw.fetch(sql, *args, timeout=timeout)
+            with self._span(sql):
+                rows: list[Record] = await self._raw.fetch(sql, *args, timeout=timeout)
         except Exception as exc:
             raise _map_error(self._pool, exc, sql, timeout) from exc
         return rows
 
     async def fetchrow(self, sql: str, *args: Any, timeout: float | None = None) -> Record | None:
         try:
-            return await self._raw.fetchrow(sql, *args, timeout=timeout)
+            with self._span(sql):
+                return await self._raw.fetchrow(sql, *args, timeout=timeout)
         except Exception as exc:
             raise _map_error(self._pool, exc, sql, timeout) from exc
 
@@ -78,7 +99,8 @@ class PostgresConnection(Connection):
         self, sql: str, *args: Any, column: int = 0, timeout: float | None = None
     ) -> Any:
         try:
-            return await self._raw.fetchval(sql, *args, column=column, timeout=timeout)
+            with self._span(sql):
+                return await self._raw.fetchval(sql, *args, column=column, timeout=timeout)
         except Exception as exc:
             raise _map_error(self._pool, exc, sql, timeout) from exc
 

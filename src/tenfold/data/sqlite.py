@@ -27,6 +27,7 @@ from tenfold.errors import (
     ShardTimeout,
     ShardUnavailable,
 )
+from tenfold.observe import tracing
 
 __all__ = ["SqlitePool", "to_sqlite_params"]
 
@@ -79,6 +80,15 @@ class SqliteConnection(Connection):
 
     async def _run(self, sql: str, args: Sequence[Any], timeout: float | None, fetch: bool) -> Any:
         limit = timeout if timeout is not None else self._pool.options.query_timeout_s
+        if not tracing.enabled():
+            return await self._run_bounded(sql, args, limit, fetch)
+        with tracing.child_span(
+            "db.query",
+            {"db.system": "sqlite", "tenfold.shard": self.shard, "db.statement": sql[:200]},
+        ):
+            return await self._run_bounded(sql, args, limit, fetch)
+
+    async def _run_bounded(self, sql: str, args: Sequence[Any], limit: float, fetch: bool) -> Any:
         try:
             async with asyncio.timeout(limit):
                 if fetch:
@@ -202,6 +212,9 @@ async def _enable_wal(raw: aiosqlite.Connection) -> None:
             await asyncio.sleep(0.01)
 
 
+_PENDING: set[asyncio.Future[None]] = set()  # rollbacks in flight (kept from GC)
+
+
 async def _discard(raw: aiosqlite.Connection | None) -> None:
     """Close a connection that failed to open: its thread would keep the process alive."""
     if raw is not None:
@@ -242,25 +255,58 @@ class SqlitePool(Pool):
                 f"acquiring one of {self.options.max_size} connections",
             ) from None
         raw: aiosqlite.Connection | None = None
+        handed_off = False
         try:
             raw = self._idle.pop() if self._idle else await self._open()
             self._in_use += 1
             conn = SqliteConnection(self, raw)
             conn.slot = slot
+            failed = False
             try:
                 yield conn
+            except BaseException:
+                failed = True
+                raise
             finally:
                 self._in_use -= 1
-                if conn._depth or raw.in_transaction:
-                    # The block left mid-transaction (cancelled): never hand that on.
-                    await raw.rollback()
-                if not self._closed:
+                if failed or conn._depth or raw.in_transaction:
+                    # The block failed or was cancelled, maybe mid-transaction. A
+                    # cancelled await does not stop a statement already queued on
+                    # the connection's thread (a BEGIN IMMEDIATE waiting for the
+                    # lock, say), and `in_transaction` cannot see it yet. A rollback
+                    # queued behind it undoes it; the connection (and its pool slot)
+                    # come back only after that, so no idle connection ever holds
+                    # the write lock, and a cancelled caller need not wait for it.
+                    self._recycle(raw)
+                    handed_off = True
+                    raw = None
+                elif not self._closed:
                     self._idle.append(raw)
                     raw = None
         finally:
             if raw is not None:
                 self._size -= 1
                 await raw.close()
+            if not handed_off:
+                self._slots.release()
+
+    def _recycle(self, raw: aiosqlite.Connection) -> None:
+        task = asyncio.ensure_future(self._roll_back_and_return(raw))
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+
+    async def _roll_back_and_return(self, raw: aiosqlite.Connection) -> None:
+        assert self._slots is not None
+        try:
+            await raw.rollback()
+            if self._closed:
+                raise ConnectionResetError("pool closed")
+            self._idle.append(raw)
+        except BaseException:
+            self._size -= 1
+            with contextlib.suppress(Exception):
+                await raw.close()
+        finally:
             self._slots.release()
 
     async def _open(self) -> aiosqlite.Connection:

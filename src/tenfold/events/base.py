@@ -218,12 +218,27 @@ class GroupStatus:
 class StreamBackend(abc.ABC):
     """Topics, partitions, durable groups and dead letters on one broker."""
 
+    # False for a stream that lives in process memory: at a graceful stop the bus
+    # hands its unconsumed events back to the outbox, to be published at the next start.
+    durable: bool = True
+
+    def unconsumed_event_ids(self) -> list[str]:
+        """Ids of events some consumer group has not finished (non-durable backends)."""
+        return []
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Connect; raise `BrokerUnavailable` if the broker cannot be reached in time."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise `BrokerUnavailable` unless the broker answers now (readiness probes).
+
+        In-process backends are always reachable, hence this default.
+        """
+        return None
 
     @abc.abstractmethod
     async def ensure_topic(self, spec: TopicSpec) -> None:

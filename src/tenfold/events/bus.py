@@ -42,7 +42,7 @@ from tenfold.events.base import (
 )
 from tenfold.events.relay import OutboxRelay
 from tenfold.keyspace import Key
-from tenfold.observe import metrics
+from tenfold.observe import metrics, tracing
 
 __all__ = ["ConsumerSpec", "EventBus"]
 
@@ -118,6 +118,8 @@ class EventBus:
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Write an event to `conn`'s outbox in its open transaction; return the event id."""
+        if tracing.enabled():  # the trace continues in every consumer of this event
+            headers = tracing.inject(dict(headers or {}))
         event_id = await outbox.emit(conn, self.spec(topic), key, payload, headers)
         metrics.events_emitted.labels(topic).inc()
         relay = self._relay_of.get(conn.shard)
@@ -274,8 +276,35 @@ class EventBus:
                 log.warning("could not drain the outbox of %s: %s", relay.shard, exc)
         self.relays.clear()
         self._relay_of.clear()
+        await self._return_unconsumed()
         await self.backend.close()
         self._started = False
+
+    async def _return_unconsumed(self) -> None:
+        """Mark an in-process stream's unfinished events unpublished again.
+
+        Events in a memory stream vanish with the process; their outbox rows say
+        "published". Clearing `published_at` makes the next start publish them
+        again, and consumers' inboxes (or their at-least-once contract) absorb
+        the repeats. A hard crash cannot do this: embedded mode then loses what
+        was in flight, which `docs/events.md` states.
+        """
+        ids = self.backend.unconsumed_event_ids()
+        if not ids:
+            return
+        chunks = [ids[i : i + 500] for i in range(0, len(ids), 500)]
+        for shard in self.db.shard_names:
+            try:
+                async with self.db.shard(shard) as conn:
+                    for chunk in chunks:
+                        marks = ", ".join(f"${i + 1}" for i in range(len(chunk)))
+                        await conn.execute(
+                            "UPDATE tenfold_outbox SET published_at = NULL "
+                            f"WHERE event_id IN ({marks})",
+                            *chunk,
+                        )
+            except TenfoldError as exc:  # shutdown must finish
+                log.warning("could not return unconsumed events to %s: %s", shard, exc)
 
     async def __aenter__(self) -> EventBus:
         await self.start()

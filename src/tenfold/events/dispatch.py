@@ -11,9 +11,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+from opentelemetry.trace import SpanKind
+
 from tenfold.errors import BrokerUnavailable, ShardTimeout, ShardUnavailable
 from tenfold.events.base import Delivery, Handler, RetryPolicy
-from tenfold.observe import metrics
+from tenfold.observe import metrics, tracing
 
 __all__ = ["Outcome", "deliver"]
 
@@ -41,8 +43,14 @@ async def deliver(
     start = time.perf_counter()
     bound = asyncio.timeout(timeout_s)
     try:
-        async with bound:
-            await handler(delivery)
+        with tracing.span(
+            f"consume {topic}",
+            {"messaging.destination.name": topic, "messaging.consumer.group.name": group},
+            parent=tracing.extract(delivery.event.headers),
+            kind=SpanKind.CONSUMER,
+        ):
+            async with bound:
+                await handler(delivery)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -89,6 +89,17 @@ class MemoryStreams(StreamBackend):
         self._clock = clock
         self._topics: dict[str, _Topic] = {}
 
+    durable = False
+
+    def unconsumed_event_ids(self) -> list[str]:
+        ids: set[str] = set()
+        for topic in self._topics.values():
+            for positions in topic.groups.values():
+                for index, part in enumerate(topic.partitions):
+                    for at in range(max(positions[index], part.first), part.end):
+                        ids.add(part.get(at).event.id)
+        return sorted(ids)
+
     async def start(self) -> None:
         return None
 

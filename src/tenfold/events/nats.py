@@ -138,6 +138,15 @@ class NatsStreams(StreamBackend):
             raise BrokerUnavailable(self.safe_url, f"cannot connect: {exc!r}") from exc
         self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
 
+    async def ping(self) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise BrokerUnavailable(self.safe_url, "not connected (reconnecting)")
+        try:
+            await nc.flush(timeout=self.connect_timeout_s)  # a PING/PONG round trip
+        except (*_BROKER_ERRORS, nats.errors.FlushTimeoutError) as exc:
+            raise BrokerUnavailable(self.safe_url, f"no answer to a ping: {exc!r}") from exc
+
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats %s: %s", self.safe_url, exc)
 

@@ -6,9 +6,13 @@ values are bounded sets (shards, topics, groups, outcomes), never keys or ids.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
 
-__all__ = ["REGISTRY"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["REGISTRY", "PlainCounter"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -78,25 +82,90 @@ retries = Counter(
     ["what"],
     registry=REGISTRY,
 )
-cache_hits = Counter(
+
+
+class PlainCount:
+    """One child of a `PlainCounter`: an integer, incremented without a lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class PlainCounter(Collector):
+    """A labelled counter whose children are plain integers, read when scraped.
+
+    For hot paths owned by one event loop (a cache hit): `inc()` is one integer
+    add, without prometheus_client's per-call lock and checks. Increments from
+    several threads at once may be lost (never corrupted); use `Counter` there.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._children: dict[tuple[str, ...], PlainCount] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> PlainCount:
+        """The child for these label values (bind it once; do not call per event)."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
+        return self._children.setdefault(tuple(values), PlainCount())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+# Cache: `cache` is the TieredCache prefix (one per cache, a bounded set), so the
+# hit ratio is per cache. TieredCache binds its children once per instance.
+cache_hits = PlainCounter(
     "tenfold_cache_hits_total",
-    "Cache reads answered without the loader, by tier (l1, l2, stale, fail_safe).",
-    ["tier"],
+    "Cache reads answered without waiting for the loader, by tier (l1, l2, stale, fail_safe).",
+    ["cache", "tier"],
     registry=REGISTRY,
 )
-cache_misses = Counter(
+cache_misses = PlainCounter(
     "tenfold_cache_misses_total",
     "Cache reads that missed a tier (l1, l2).",
-    ["tier"],
+    ["cache", "tier"],
+    registry=REGISTRY,
+)
+cache_refreshes = Counter(
+    "tenfold_cache_refreshes_total",
+    "Background refreshes started, by kind (early: probabilistic, stale: stale-while-revalidate).",
+    ["cache", "kind"],
+    registry=REGISTRY,
+)
+cache_lock = Counter(
+    "tenfold_cache_lock_total",
+    "Cluster single-flight lock outcomes (won, lost, unknown, peer_value, took_over, expired).",
+    ["cache", "outcome"],
     registry=REGISTRY,
 )
 cache_loader_seconds = Histogram(
-    "tenfold_cache_loader_seconds", "Time in cache loaders.", registry=REGISTRY
+    "tenfold_cache_loader_seconds", "Time in cache loaders.", ["cache"], registry=REGISTRY
+)
+cache_l2_seconds = Histogram(
+    "tenfold_cache_l2_seconds",
+    "Time in L2 calls by operation (get, set, delete, lock, ...), timeouts included.",
+    ["cache", "op"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
 )
 cache_invalidations = Counter(
     "tenfold_cache_invalidations_total",
     "Cache invalidations by kind (key, tag, received, resync).",
-    ["kind"],
+    ["cache", "kind"],
     registry=REGISTRY,
 )
 admission_limit = Gauge(

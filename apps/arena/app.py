@@ -1,0 +1,79 @@
+"""arena: the reference app. `create_app()` is what `tenfold up` serves.
+
+Users, rooms with messages, a points wallet with cross-shard transfers, and a
+leaderboard, on tenfold's sharded data, event log, cache, limits and gateway.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from apps.arena import accounts, leaderboard, rooms, topics, wallet
+from tenfold.config import Settings, load_settings
+from tenfold.gateway import Runtime, install
+
+# Every error leaves as an RFC 9457 problem (tenfold.gateway.problems); documented
+# once for every route so clients and schema-driven tests know what to expect.
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+}
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {
+        "description": text,
+        "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+    }
+    for status, text in (
+        (401, "Not authenticated"),
+        (403, "Forbidden"),
+        (404, "Not found"),
+        (409, "Conflict"),
+        (413, "Request body too large"),
+        (422, "Invalid request"),
+        (429, "Too many requests"),
+        (503, "Overloaded or a shard unavailable; retry after Retry-After"),
+    )
+}
+MIGRATIONS = Path(__file__).parent / "migrations"
+# Added to the configured rules unless the configuration names them itself.
+RATE_LIMITS = {
+    "register": "600/minute burst 200 per ip",
+    "login": "60/minute burst 20 per login",
+}
+
+
+def arena_settings(settings: Settings | None = None) -> Settings:
+    """The settings with arena's migrations folder and rate-limit rules filled in."""
+    s = settings or load_settings()
+    updates: dict[str, object] = {"rate_limits": {**RATE_LIMITS, **s.rate_limits}}
+    if s.migrations_dir is None:
+        updates["migrations_dir"] = MIGRATIONS
+    return s.model_copy(update=updates)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new arena app with tenfold installed (nothing is contacted until start-up)."""
+    app = FastAPI(
+        title="arena",
+        version="0.1.0",
+        description="tenfold's reference app: rooms, messages, a points wallet, a leaderboard.",
+    )
+    runtime = Runtime(arena_settings(settings))
+    runtime.bus.topic(topics.MESSAGES)
+    wallet.register_consumers(runtime.bus)
+    leaderboard.register_consumers(runtime.bus)
+    rooms.register_consumers(runtime.bus)
+    for module in (accounts, rooms, wallet, leaderboard):
+        app.include_router(module.router, responses=PROBLEM_RESPONSES)
+    install(app, runtime)
+    return app

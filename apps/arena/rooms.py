@@ -1,0 +1,286 @@
+"""Rooms and their messages. Only members read or post in a room.
+
+A room, its members and its messages live on the shard of the room id (made
+in a random slot, so rooms spread over shards). Membership checks go through
+the tiered cache and are invalidated on leave; "my rooms" is a projection on
+the user's shard fed by membership events.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+
+from apps.arena import topics
+from apps.arena.schemas import (
+    IdemKey,
+    MessageIn,
+    MessageOut,
+    MessagePage,
+    RoomIn,
+    RoomList,
+    RoomOut,
+)
+from tenfold.data.base import Connection
+from tenfold.events import EventBus
+from tenfold.events.base import Event
+from tenfold.gateway import CurrentUser, Principal, Problem, RuntimeDep
+from tenfold.gateway.runtime import Runtime
+
+router = APIRouter(prefix="/rooms", tags=["rooms"])
+
+_MAX_ID = 2**63 - 1
+
+
+def _room_id(room_id: str) -> int:
+    if not room_id.isdigit() or len(room_id) > 19 or int(room_id) > _MAX_ID:
+        raise Problem(404, f"no room {room_id[:32]!r}", slug="no-such-room")
+    return int(room_id)
+
+
+async def _membership(rt: Runtime, room_id: int, user_id: int) -> dict[str, Any]:
+    async def load() -> dict[str, Any]:
+        async with rt.db.shard_for_id(room_id) as conn:
+            row = await conn.fetchrow(
+                "SELECT r.name, r.owner_id, m.user_id AS member FROM arena_rooms r "
+                "LEFT JOIN arena_members m ON m.room_id = r.id AND m.user_id = $2 "
+                "WHERE r.id = $1",
+                room_id,
+                user_id,
+            )
+        if row is None:
+            return {"exists": False, "member": False}
+        return {"exists": True, "member": row["member"] is not None, "name": row["name"]}
+
+    result: dict[str, Any] = await rt.cache.get_or_load(
+        f"arena:member:{room_id}:{user_id}", load, ttl_s=60
+    )
+    return result
+
+
+async def _require_member(rt: Runtime, room_id: int, user: Principal) -> dict[str, Any]:
+    state = await _membership(rt, room_id, int(user.subject))
+    if not state["exists"]:
+        raise Problem(404, f"no room {room_id}", slug="no-such-room")
+    if not state["member"]:
+        raise Problem(
+            403, "only members of this room may do that; join it first", slug="not-member"
+        )
+    return state
+
+
+async def _add_member(rt: Runtime, conn: Connection, room: dict[str, Any], user: Principal) -> bool:
+    added = await conn.execute(
+        "INSERT INTO arena_members (slot, room_id, user_id, username, joined_at) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        conn.slot,
+        room["id"],
+        int(user.subject),
+        user.claims.get("name", ""),
+        time.time(),
+    )
+    if added:
+        await rt.bus.emit(
+            conn,
+            topics.MEMBERSHIP,
+            user.claims.get("name", user.subject),
+            {
+                "op": "join",
+                "user_id": int(user.subject),
+                "room_id": room["id"],
+                "name": room["name"],
+            },
+        )
+    return bool(added)
+
+
+@router.post("", status_code=201, response_model=RoomOut)
+async def create_room(body: RoomIn, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
+    room_id = rt.db.new_id(secrets.token_hex(8))  # a random slot: rooms spread over shards
+    room = {"id": room_id, "name": body.name}
+    async with rt.db.shard_for_id(room_id) as conn, conn.transaction():
+        await conn.insert(
+            "arena_rooms",
+            {
+                "id": room_id,
+                "name": body.name,
+                "owner_id": int(user.subject),
+                "created_at": time.time(),
+            },
+        )
+        await _add_member(rt, conn, room, user)
+    await rt.cache.invalidate(f"arena:member:{room_id}:{user.subject}")
+    return RoomOut(id=str(room_id), name=body.name, owner_id=user.subject)
+
+
+@router.get("/mine", response_model=RoomList)
+async def my_rooms(user: CurrentUser, rt: RuntimeDep) -> RoomList:
+    async with rt.db.shard_for_id(int(user.subject)) as conn:
+        rows = await conn.fetch(
+            "SELECT room_id, name FROM arena_my_rooms WHERE user_id = $1 "
+            "ORDER BY joined_at LIMIT 500",
+            int(user.subject),
+        )
+    return RoomList(
+        items=[RoomOut(id=str(r["room_id"]), name=r["name"], owner_id="") for r in rows]
+    )
+
+
+@router.post("/{room_id}/join", response_model=RoomOut)
+async def join(room_id: str, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
+    rid = _room_id(room_id)
+    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT name, owner_id FROM arena_rooms WHERE id = $1", rid)
+        if row is None:
+            raise Problem(404, f"no room {rid}", slug="no-such-room")
+        await _add_member(rt, conn, {"id": rid, "name": row["name"]}, user)
+    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
+    return RoomOut(id=str(rid), name=row["name"], owner_id=str(row["owner_id"]))
+
+
+@router.post("/{room_id}/leave", status_code=204)
+async def leave(room_id: str, user: CurrentUser, rt: RuntimeDep) -> Response:
+    rid = _room_id(room_id)
+    await _require_member(rt, rid, user)
+    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
+        removed = await conn.execute(
+            "DELETE FROM arena_members WHERE room_id = $1 AND user_id = $2", rid, int(user.subject)
+        )
+        if removed:
+            await rt.bus.emit(
+                conn,
+                topics.MEMBERSHIP,
+                user.claims.get("name", user.subject),
+                {"op": "leave", "user_id": int(user.subject), "room_id": rid},
+            )
+    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
+    return Response(status_code=204)
+
+
+@router.post("/{room_id}/messages", status_code=201, response_model=MessageOut)
+async def send_message(
+    room_id: str,
+    body: MessageIn,
+    user: CurrentUser,
+    rt: RuntimeDep,
+    response: Response,
+    idempotency_key: Annotated[IdemKey | None, Header()] = None,
+) -> MessageOut:
+    rid = _room_id(room_id)
+    await _require_member(rt, rid, user)
+    author_id = int(user.subject)
+    author = user.claims.get("name", user.subject)
+    now = time.time()
+    message_id = rt.db.new_id(rid)
+    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
+        if idempotency_key is not None:
+            row = await conn.fetchrow(
+                "SELECT id, body, created_at FROM arena_messages "
+                "WHERE room_id = $1 AND author_id = $2 AND idem_key = $3",
+                rid,
+                author_id,
+                idempotency_key,
+            )
+            if row is not None:
+                if row["body"] != body.body:
+                    raise Problem(
+                        422,
+                        "this Idempotency-Key was used for a different message",
+                        slug="idempotency-key-reused",
+                    )
+                response.status_code = 200  # a replay: the original, not a new message
+                return MessageOut(
+                    id=str(row["id"]),
+                    room_id=str(rid),
+                    author=author,
+                    body=row["body"],
+                    created_at=row["created_at"],
+                )
+        await conn.insert(
+            "arena_messages",
+            {
+                "id": message_id,
+                "room_id": rid,
+                "author_id": author_id,
+                "author": author,
+                "body": body.body,
+                "idem_key": idempotency_key,
+                "created_at": now,
+            },
+        )
+        await rt.bus.emit(
+            conn,
+            topics.MESSAGES,
+            f"room:{rid}",
+            {
+                "id": str(message_id),
+                "room_id": str(rid),
+                "author": author,
+                "body": body.body,
+                "created_at": now,
+            },
+        )
+    return MessageOut(
+        id=str(message_id), room_id=str(rid), author=author, body=body.body, created_at=now
+    )
+
+
+@router.get("/{room_id}/messages", response_model=MessagePage)
+async def list_messages(
+    room_id: str,
+    user: CurrentUser,
+    rt: RuntimeDep,
+    before: Annotated[str | None, Query(max_length=20, pattern=r"^[0-9]+$")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+) -> MessagePage:
+    rid = _room_id(room_id)
+    await _require_member(rt, rid, user)
+    cursor = min(int(before), _MAX_ID) if before is not None else _MAX_ID
+    async with rt.db.shard_for_id(rid) as conn:
+        rows = await conn.fetch(
+            "SELECT id, author, body, created_at FROM arena_messages "
+            "WHERE slot = $4 AND room_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+            rid,
+            cursor,
+            limit,
+            conn.slot,
+        )
+    items = [
+        MessageOut(
+            id=str(r["id"]),
+            room_id=str(rid),
+            author=r["author"],
+            body=r["body"],
+            created_at=r["created_at"],
+        )
+        for r in rows
+    ]
+    next_cursor = items[-1].id if len(items) == limit else None
+    return MessagePage(items=items, next_cursor=next_cursor)
+
+
+def register_consumers(bus: EventBus) -> None:
+    """The \"my rooms\" projection on each user's shard."""
+
+    @bus.consumer(topics.MEMBERSHIP, group="my_rooms", shard_writes=True)
+    async def my_rooms(event: Event, conn: Connection) -> None:
+        m = event.data()
+        if m["op"] == "join":
+            await conn.execute(
+                "INSERT INTO arena_my_rooms (slot, user_id, room_id, name, joined_at) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                conn.slot,
+                m["user_id"],
+                m["room_id"],
+                m["name"],
+                event.created_at,
+            )
+        else:
+            await conn.execute(
+                "DELETE FROM arena_my_rooms WHERE user_id = $1 AND room_id = $2",
+                m["user_id"],
+                m["room_id"],
+            )

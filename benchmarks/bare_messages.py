@@ -1,0 +1,59 @@
+"""The peer of `gateway_overhead`: a bare FastAPI app that inserts arena's message row.
+
+One endpoint, `POST /rooms/{room_id}/messages`, with the same request and
+response bodies as arena's (`MessageIn` → `MessageOut`, 201): it validates the
+body, then runs one `INSERT INTO arena_messages` (the same columns arena
+fills) through an asyncpg pool of TENFOLD_POOL_MAX_SIZE connections (10, as
+arena's default) on TENFOLD_SHARD_URL. No auth, no membership check, no
+outbox row, no middleware. Served by `tenfold up benchmarks.bare_messages:create_app`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+from fastapi import FastAPI, Response
+
+from apps.arena.schemas import MessageIn, MessageOut
+
+SQL = (
+    "INSERT INTO arena_messages (slot, id, room_id, author_id, author, body, idem_key, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+
+
+def create_app() -> FastAPI:
+    url = os.environ["TENFOLD_SHARD_URL"]
+    size = int(os.environ.get("TENFOLD_POOL_MAX_SIZE", "10"))
+    ids = itertools.count(time.time_ns() // 1000 * 1000)
+    state: dict[str, asyncpg.Pool] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state["pool"] = await asyncpg.create_pool(url, min_size=size, max_size=size)
+        yield
+        await state["pool"].close()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response(b'{"alive":true}', media_type="application/json")
+
+    @app.post("/rooms/{room_id}/messages", status_code=201, response_model=MessageOut)
+    async def send_message(room_id: int, body: MessageIn) -> MessageOut:
+        now, message_id = time.time(), next(ids)
+        async with state["pool"].acquire() as conn:
+            await conn.execute(
+                SQL, room_id % 4096, message_id, room_id, 1, "bench", body.body, None, now
+            )
+        return MessageOut(
+            id=str(message_id), room_id=str(room_id), author="bench", body=body.body, created_at=now
+        )
+
+    return app

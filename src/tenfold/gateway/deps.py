@@ -1,0 +1,47 @@
+"""Request-level helpers for handlers: the caller, the runtime, per-route limits.
+
+@app.post("/rooms/{room_id}/messages")
+async def send(room_id: int, user: CurrentUser, rt: RuntimeDep): ...
+
+`CurrentUser` answers 401 (with the reason the token was refused) when the
+request is not authenticated; the token was verified once by the middleware.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import Request
+
+from tenfold.gateway.install import runtime_of
+from tenfold.gateway.problems import Problem
+from tenfold.gateway.runtime import Principal, Runtime
+from tenfold.limits import headers as rate_limit_headers
+
+__all__ = ["CurrentUser", "RuntimeDep", "current_user", "rate_limit"]
+
+
+def current_user(request: Request) -> Principal:
+    """The authenticated principal, or a 401 problem saying why not."""
+    principal = request.scope.get("tenfold.principal")
+    if isinstance(principal, Principal):
+        return principal
+    reason = request.scope.get("tenfold.auth_error") or "this endpoint needs a Bearer access token"
+    raise Problem(401, str(reason), headers={"WWW-Authenticate": 'Bearer realm="tenfold"'})
+
+
+CurrentUser = Annotated[Principal, Depends(current_user)]
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+
+
+async def rate_limit(request: Request, rule: str, subject: str, cost: int = 1) -> None:
+    """Check `subject` against the named rule; a refusal is a 429 problem."""
+    runtime = runtime_of(request)
+    decision = await runtime.limiter.check(rule, subject, cost)
+    if not decision.allowed:
+        raise Problem(
+            429,
+            f"rate limit {rule!r} reached; retry after the Retry-After delay",
+            headers=rate_limit_headers(decision),
+        )

@@ -1,0 +1,109 @@
+"""`install(app)`: put tenfold in front of a FastAPI or Starlette app.
+
+app = FastAPI()
+runtime = tenfold.install(app)          # or install(app, Runtime(settings))
+
+adds:
+- `TenfoldMiddleware` (request id, body bound, auth, rate limits, admission, metrics)
+- problem-response handlers for tenfold errors, HTTP errors and validation errors
+- `GET /healthz` (the process is alive), `GET /readyz` (shards, cache and broker
+  reachable: 200 or 503), `GET /metrics` (Prometheus text format)
+- the lifespan: `runtime.start()` before the app's own start-up, `runtime.stop()`
+  after its shutdown (consumers stop, the outbox drains, pools close)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tenfold.errors import TenfoldError
+from tenfold.gateway import problems
+from tenfold.gateway.middleware import TenfoldMiddleware
+from tenfold.gateway.runtime import Runtime
+from tenfold.observe.metrics import REGISTRY
+
+__all__ = ["install", "runtime_of"]
+
+
+def install(app: Starlette, runtime: Runtime | None = None) -> Runtime:
+    """Wire tenfold into `app`; returns the runtime (also at `app.state.tenfold`).
+
+    Call it before the app starts serving. Works for FastAPI (a Starlette subclass).
+    """
+    runtime = runtime or Runtime()
+    app.state.tenfold = runtime
+    app.add_middleware(TenfoldMiddleware, runtime=runtime)
+    app.add_exception_handler(HTTPException, problems.handle)
+    app.add_exception_handler(TenfoldError, problems.handle)
+    app.add_exception_handler(Exception, problems.handle)
+    _validation_handler(app)
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"alive":true}', media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        report = await runtime.readiness()
+        status = 200 if report["ready"] else 503
+        headers = {} if report["ready"] else {"Retry-After": "5"}
+        return Response(
+            orjson.dumps(report), status_code=status, media_type="application/json", headers=headers
+        )
+
+    async def metrics(request: Request) -> Response:
+        runtime.sample_pools()
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    for path, endpoint in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
+        app.add_route(path, endpoint, methods=["GET"], include_in_schema=False)
+
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        await runtime.start()
+        try:
+            async with inner(a) as state:
+                yield state
+        finally:
+            await runtime.stop()
+
+    app.router.lifespan_context = lifespan
+    return runtime
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The runtime `install` attached to the request's app."""
+    runtime: Runtime = request.app.state.tenfold
+    return runtime
+
+
+def _validation_handler(app: Starlette) -> None:
+    """FastAPI's 422 for bad bodies and parameters, as a problem with the error list."""
+    try:
+        from fastapi.exceptions import RequestValidationError
+    except ImportError:  # a plain Starlette app has no request validation
+        return
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()[:20]
+        ]
+        return problems.problem_response(
+            422,
+            "the request does not match the API schema; see errors",
+            errors=errors,
+            request_id=request.scope.get("tenfold.request_id"),
+        )
+
+    app.add_exception_handler(RequestValidationError, invalid)
