@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,24 @@ def main(
         write_json(args.json, {"environment": environment(args.quick), name: result})
         console.print(f"figures written to {args.json}")
     return 0
+
+
+def redis_url() -> str:
+    """The Redis benchmarks use: `TENFOLD_BENCH_REDIS_URL` or the local default."""
+    return os.environ.get("TENFOLD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def calls_per_s(
+    call: Callable[[str], Awaitable[Any]], items: list[str], concurrency: int
+) -> float:
+    """`call(item)` for every item from `concurrency` tasks; completed calls per second."""
+    gc.collect()
+    chunks = [items[i::concurrency] for i in range(concurrency)]
+
+    async def worker(chunk: list[str]) -> None:
+        for item in chunk:
+            await call(item)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(chunk) for chunk in chunks))
+    return len(items) / (time.perf_counter() - start)

@@ -31,10 +31,7 @@ run-unique prefixes and are deleted afterwards.
 from __future__ import annotations
 
 import asyncio
-import gc
-import os
 import random
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,8 +39,8 @@ from typing import Any
 import orjson
 from rich.table import Table
 
+from benchmarks._common import calls_per_s, median, rate, redis_url
 from benchmarks._common import main as run_main
-from benchmarks._common import median, rate
 
 SEED = 20240607
 CONCURRENCY = (1, 64)
@@ -64,23 +61,6 @@ VALUE = {
 }
 
 Get = Callable[[str], Awaitable[Any]]
-
-
-def redis_url() -> str:
-    return os.environ.get("TENFOLD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-async def reads_per_s(get: Get, keys: list[str], concurrency: int) -> float:
-    gc.collect()
-    chunks = [keys[i::concurrency] for i in range(concurrency)]
-
-    async def worker(chunk: list[str]) -> None:
-        for key in chunk:
-            await get(key)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(chunk) for chunk in chunks))
-    return len(keys) / (time.perf_counter() - start)
 
 
 async def _load() -> dict[str, Any]:
@@ -135,7 +115,7 @@ async def _measure(
         for r in range(rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for name in order:
-                per_side[name].append(await reads_per_s(sides[name], keys, concurrency))
+                per_side[name].append(await calls_per_s(sides[name], keys, concurrency))
         samples[str(concurrency)] = per_side
     return samples
 

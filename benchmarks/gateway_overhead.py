@@ -57,6 +57,7 @@ from rich.table import Table
 from benchmarks._common import console, median, rate
 from benchmarks._common import main as run_main
 from benchmarks._nats import ADMIN_URL, db_url
+from tenfold.observe.services import create_databases, drop_databases, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER, FULL, AUTH_ONLY = "bare FastAPI + asyncpg", "arena, full stack", "arena, auth only"
@@ -75,12 +76,6 @@ wrk.body = '{"body":"hello from the benchmark, a message of ordinary length"}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %s"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def base_env(shard_url: str, catalog_url: str, **extra: str) -> dict[str, str]:
@@ -216,40 +211,16 @@ def summarize(samples: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     }
 
 
-async def _make_databases(n: int) -> tuple[list[str], str]:
-    import asyncpg
-
-    admin = await asyncpg.connect(ADMIN_URL, timeout=5)
-    prefix = f"tfbench_{os.getpid()}_{int(time.time()) % 100000}"
-    names = [f"{prefix}_{i}" for i in range(n)]
-    try:
-        for name in names:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-            await admin.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
-    finally:
-        await admin.close()
-    return names, prefix
-
-
-async def _drop_databases(names: list[str]) -> None:
-    import asyncpg
-
-    admin = await asyncpg.connect(ADMIN_URL, timeout=5)
-    try:
-        for name in names:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @contextlib.contextmanager
 def databases(n: int) -> Iterator[list[str]]:
     """`n` throwaway databases (URLs) with synchronous_commit off, always dropped."""
-    names, _ = asyncio.run(_make_databases(n))
+    prefix = f"tfbench_{os.getpid()}_{int(time.time()) % 100000}"
+    names = [f"{prefix}_{i}" for i in range(n)]
+    asyncio.run(create_databases(ADMIN_URL, names, options={"synchronous_commit": "off"}))
     try:
         yield [db_url(name) for name in names]
     finally:
-        asyncio.run(_drop_databases(names))
+        asyncio.run(drop_databases(ADMIN_URL, names))
 
 
 def arena_auth_only() -> Any:

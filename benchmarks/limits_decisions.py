@@ -17,18 +17,15 @@ run-unique prefixes and are deleted afterwards.
 from __future__ import annotations
 
 import asyncio
-import gc
-import os
 import random
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.table import Table
 
+from benchmarks._common import calls_per_s, median, rate, redis_url
 from benchmarks._common import main as run_main
-from benchmarks._common import median, rate
 from tenfold.limits import Rule
 from tenfold.limits.redis import RedisStorage
 
@@ -39,23 +36,6 @@ TENFOLD = "tenfold GCRA"
 GOAL = 2.0
 
 Decide = Callable[[str], Awaitable[Any]]
-
-
-def redis_url() -> str:
-    return os.environ.get("TENFOLD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-async def decisions_per_s(decide: Decide, subjects: list[str], concurrency: int) -> float:
-    gc.collect()
-    chunks = [subjects[i::concurrency] for i in range(concurrency)]
-
-    async def worker(chunk: list[str]) -> None:
-        for subject in chunk:
-            await decide(subject)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(chunk) for chunk in chunks))
-    return len(subjects) / (time.perf_counter() - start)
 
 
 async def _sides(url: str, prefix: str) -> tuple[dict[str, Decide], list[Any]]:
@@ -116,7 +96,7 @@ async def _run(quick: bool) -> dict[str, Any]:
             for r in range(rounds):
                 order = list(sides) if r % 2 == 0 else list(reversed(sides))
                 for name in order:
-                    per_side[name].append(await decisions_per_s(sides[name], subjects, concurrency))
+                    per_side[name].append(await calls_per_s(sides[name], subjects, concurrency))
             samples[str(concurrency)] = per_side
     finally:
         await _cleanup(url, prefix, closers)

@@ -23,6 +23,9 @@ from tenfold.observe.services import (
     NatsServer,
     PostgresCluster,
     RedisServer,
+    create_databases,
+    database_url,
+    drop_databases,
     free_port,
     pg_problem,
     redis_problem,
@@ -30,7 +33,16 @@ from tenfold.observe.services import (
 
 # How a server is started lives in tenfold.observe.services (shared with
 # `tenfold up --stack local`); this module decides what the suite uses.
-__all__ = ["NatsServer", "Service", "find_nats", "find_postgres", "find_redis"]
+__all__ = [
+    "NatsServer",
+    "Service",
+    "create_databases",
+    "database_url",
+    "drop_databases",
+    "find_nats",
+    "find_postgres",
+    "find_redis",
+]
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -87,32 +99,6 @@ def _start_postgres() -> Service:
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-
-async def create_databases(admin_url: str, names: list[str]) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url, timeout=10)
-    try:
-        for name in names:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-
-
-async def drop_databases(admin_url: str, names: list[str]) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url, timeout=10)
-    try:
-        for name in names:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-def database_url(admin_url: str, name: str) -> str:
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def find_nats() -> tuple[Service, NatsServer | None]:

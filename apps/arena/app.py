@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from apps.arena import accounts, leaderboard, rooms, topics, wallet
 from tenfold.config import Settings, load_settings
@@ -45,6 +47,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 MIGRATIONS = Path(__file__).parent / "migrations"
+STATIC = Path(__file__).parent / "static"
 # Added to the configured rules unless the configuration names them itself.
 RATE_LIMITS = {
     "register": "600/minute burst 200 per ip",
@@ -61,6 +64,16 @@ def arena_settings(settings: Settings | None = None) -> Settings:
     return s.model_copy(update=updates)
 
 
+def mount_web(app: FastAPI) -> None:
+    """The chat page at `/` and its files under `/static` (plain HTML and JavaScript, no build)."""
+
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new arena app with tenfold installed (nothing is contacted until start-up)."""
     app = FastAPI(
@@ -75,5 +88,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     rooms.register_consumers(runtime.bus)
     for module in (accounts, rooms, wallet, leaderboard):
         app.include_router(module.router, responses=PROBLEM_RESPONSES)
+    mount_web(app)
     install(app, runtime)
     return app

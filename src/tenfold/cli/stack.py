@@ -51,6 +51,8 @@ from tenfold.observe.services import (
     NatsServer,
     PostgresCluster,
     RedisServer,
+    create_databases,
+    database_url,
     free_port,
     nats_binary,
     nats_info,
@@ -97,28 +99,6 @@ def _version(text: str) -> tuple[int, ...]:
         except ValueError:
             break
     return tuple(parts)
-
-
-def _with_db(admin_url: str, name: str) -> str:
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def _create_databases(admin_url: str, names: list[str], timeout_s: float) -> list[str]:
-    """CREATE DATABASE for each missing name; returns those created."""
-    import asyncpg
-
-    created = []
-    conn = await asyncpg.connect(admin_url, timeout=timeout_s)
-    try:
-        for name in names:
-            if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-                continue
-            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                await conn.execute(f'CREATE DATABASE "{name}"')
-                created.append(name)
-    finally:
-        await conn.close()
-    return created
 
 
 class LocalStack:
@@ -334,7 +314,11 @@ def start_local_stack(settings: Settings, root: Path = DEFAULT_ROOT) -> dict[str
         count = len(settings.shard_specs())
         names = [CATALOG_DB] + [SHARD_DB.replace("{n}", str(n)) for n in range(count)]
         try:
-            created = asyncio.run(_create_databases(admin, names, settings.connect_timeout_s))
+            created = asyncio.run(
+                create_databases(
+                    admin, names, timeout_s=settings.connect_timeout_s, skip_existing=True
+                )
+            )
         except Exception as exc:
             raise StackError(
                 "postgres", f"cannot create databases on {redact_url(admin)}: {exc}"
@@ -345,8 +329,8 @@ def start_local_stack(settings: Settings, root: Path = DEFAULT_ROOT) -> dict[str
         stack.stop()
         raise
     env = {
-        "TENFOLD_CATALOG_URL": _with_db(admin, CATALOG_DB),
-        "TENFOLD_SHARD_URL": _with_db(admin, SHARD_DB),
+        "TENFOLD_CATALOG_URL": database_url(admin, CATALOG_DB),
+        "TENFOLD_SHARD_URL": database_url(admin, SHARD_DB),
         "TENFOLD_SHARD_COUNT": str(count),
         # An explicit shard list (TOML or TENFOLD_SHARDS) would win over the template.
         "TENFOLD_SHARDS": "[]",

@@ -62,6 +62,56 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def database_url(admin_url: str, name: str) -> str:
+    """`admin_url` with its database replaced by `name`."""
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def create_databases(
+    admin_url: str,
+    names: list[str],
+    *,
+    timeout_s: float = 10.0,
+    skip_existing: bool = False,
+    options: dict[str, str] | None = None,
+) -> list[str]:
+    """CREATE DATABASE each name (with `ALTER DATABASE ... SET` options); those created."""
+    import asyncpg
+
+    created = []
+    conn = await asyncpg.connect(admin_url, timeout=timeout_s)
+    try:
+        for name in names:
+            if skip_existing and await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", name
+            ):
+                continue
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            except asyncpg.DuplicateDatabaseError:
+                if not skip_existing:
+                    raise
+                continue
+            created.append(name)
+            for setting, value in (options or {}).items():
+                await conn.execute(f'ALTER DATABASE "{name}" SET {setting} = {value}')
+    finally:
+        await conn.close()
+    return created
+
+
+async def drop_databases(admin_url: str, names: list[str], *, timeout_s: float = 10.0) -> None:
+    """DROP DATABASE each name that exists, disconnecting its sessions."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url, timeout=timeout_s)
+    try:
+        for name in names:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Ask Linux to SIGTERM this child when the process that started it dies."""
     with contextlib.suppress(Exception):
