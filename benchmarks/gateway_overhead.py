@@ -18,6 +18,9 @@ database (`TENFOLD_SHARD_COUNT=1`, events `memory://`, pool 10 connections):
   publishes the outbox and the realtime consumer behind it. This is more work
   than the peer's single insert, on purpose: it is the issue's comparison
   (goal: the stack costs ≤ 30%, i.e. arena ≥ 0.70x the bare RPS).
+- "bare ... + outbox row in one transaction" (`create_app_outbox`): the peer
+  doing what a hand-rolled transactional outbox costs (BEGIN, the message row,
+  an outbox row, COMMIT), with no relay: arena against it is tenfold's own cost.
 - "arena, auth only": the same app with tenfold's middleware replaced by a
   minimal one that only verifies the JWT (the handler needs the principal):
   full minus this side is the cost of the middleware, this side minus bare is
@@ -61,6 +64,7 @@ from tenfold.observe.services import create_databases, drop_databases, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER, FULL, AUTH_ONLY = "bare FastAPI + asyncpg", "arena, full stack", "arena, auth only"
+PEER_TX = "bare FastAPI + asyncpg, message + outbox row in one transaction"
 CONNECTIONS, GOAL_RATIO = 16, 0.70
 RATE_LIMITS = json.dumps(
     {
@@ -273,6 +277,7 @@ def run(quick: bool) -> dict[str, Any]:
                 server("arena", env, logdir=work) as full,
                 server("benchmarks.gateway_overhead:arena_auth_only", env, logdir=work) as auth,
                 server("benchmarks.bare_messages:create_app", env, logdir=work) as bare,
+                server("benchmarks.bare_messages:create_app_outbox", env, logdir=work) as bare_tx,
             ):
                 token, room = arena_room(full)
                 # arena_auth_only shares the database (and the user's room), not the keys:
@@ -282,6 +287,7 @@ def run(quick: bool) -> dict[str, Any]:
                 samples = alternate(
                     {
                         PEER: (bare + path, script),
+                        PEER_TX: (bare_tx + path, script),
                         FULL: (full + path, script),
                         AUTH_ONLY: (auth + path, script),
                     },
@@ -306,6 +312,7 @@ def run(quick: bool) -> dict[str, Any]:
         "ratio_full_vs_bare": full_rps / bare_rps,
         "ratio_full_vs_bare_paired_median": median(paired),
         "ratio_auth_only_vs_bare": auth_rps / bare_rps,
+        "ratio_full_vs_bare_outbox": full_rps / sides[PEER_TX]["rps_median"],
         "ratio_full_vs_auth_only": full_rps / auth_rps,
         "stack_cost_percent": (1 - full_rps / bare_rps) * 100,
         "middleware_cost_percent": (1 - full_rps / auth_rps) * 100,
@@ -322,7 +329,8 @@ def render(result: dict[str, Any]) -> Table | None:
         f"median of {result['rounds']} rounds",
         caption=f"stack cost {result['stack_cost_percent']:.1f}% (goal ≤ 30%: "
         f"{'met' if result['goal_met'] else 'NOT met'}); middleware alone "
-        f"{result['middleware_cost_percent']:.1f}%; ratio = side / {PEER}",
+        f"{result['middleware_cost_percent']:.1f}%; arena vs a bare hand-rolled outbox "
+        f"{result['ratio_full_vs_bare_outbox']:.2f}x; ratio = side / {PEER}",
     )
     for col in ("side", "req/s", "min..max", "p99 ms", "ratio"):
         table.add_column(col, justify="left" if col == "side" else "right", no_wrap=True)

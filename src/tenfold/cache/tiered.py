@@ -114,6 +114,7 @@ class _Meta:
     copy: bytes | None  # the value's JSON: decoded for each caller (a private copy)
     tags: tuple[str, ...]
     early_at: float = math.inf  # before it, early refresh cannot fire (set by _l1_put)
+    l1_fresh: float = -math.inf  # min(fresh, the L1 entry's expiry) in `clock` time
 
     def private(self) -> Any:
         return self.value if self.copy is None else orjson.loads(self.copy)
@@ -206,6 +207,7 @@ class TieredCache:
             if not ok:
                 raise ConfigError(f"cache {prefix} {name}", f"out of range: {value!r}")
         self.l1 = l1
+        self._l1_entries = l1._entries  # read directly on the hot path (see get_or_load)
         self.l2 = l2
         self.prefix = prefix
         self.channel = f"{prefix}:inv"
@@ -301,13 +303,30 @@ class TieredCache:
             full = self._full_key(key)
         if not self._started:
             await self.start()
+        # The hot path, a fresh L1 hit, reads the L1's dict itself: `l1_fresh` (set
+        # by _l1_put) is already the earlier of "fresh" and the L1 entry's expiry,
+        # so one clock read answers both (the benchmark against cashews wants it).
+        fast = self._l1_entries.get(full)
+        if fast is not None and type(fast.meta) is _Meta:
+            now = self.clock()
+            hot = fast.meta
+            if now < hot.l1_fresh:
+                self._l1_entries.move_to_end(full)
+                self._hit_l1.value += 1
+                if now >= hot.early_at:  # XFetch can fire from here on (see _l1_put)
+                    self._maybe_refresh_early(
+                        full, key, loader, hot, now,
+                        self._policy(ttl_s, stale_ttl_s, fail_safe_max_s,
+                                     negative_ttl_s, soft_timeout_s, tags),
+                    )  # fmt: skip
+                return hot.value if hot.copy is None else orjson.loads(hot.copy)
         entry = self.l1.entry(full)
         meta: _Meta | None = None
         if entry is not None:
             meta = entry.meta if type(entry.meta) is _Meta else self._decode(entry.payload)
             if meta is not None:
                 now = self.clock()
-                if now < meta.fresh:  # the hot path: a fresh L1 hit
+                if now < meta.fresh:  # a fresh L1 hit the fast path could not vouch for
                     self._hit_l1.value += 1
                     if now >= meta.early_at:  # XFetch can fire from here on (see _l1_put)
                         self._maybe_refresh_early(
@@ -738,7 +757,9 @@ class TieredCache:
         # fresh - load_s * beta * 37 an early refresh cannot fire: L1 hits skip the draw
         reach = meta.load_s * self.early_refresh_beta * _XFETCH_REACH
         meta.early_at = meta.fresh - reach if reach > 0.0 else math.inf
-        ttl_s = min(meta.hold - self.clock(), self.l1_max_ttl_s)
+        now = self.clock()
+        ttl_s = min(meta.hold - now, self.l1_max_ttl_s)
+        meta.l1_fresh = min(meta.fresh, now + ttl_s)
         extra = 0 if meta.copy is None else len(meta.copy)
         self.l1.put(full, payload, ttl_s, meta.tags, meta=meta, meta_bytes=extra)
 

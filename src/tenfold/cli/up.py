@@ -59,12 +59,14 @@ async def migrate(settings: Settings) -> dict[str, list[str]]:
         return await db.migrate()
 
 
-def describe(target: str, settings: Settings, host: str, port: int, workers: int) -> Table:
+def describe(
+    target: str, settings: Settings, host: str, port: int, workers: int, server: str = "uvicorn"
+) -> Table:
     table = Table(title=f"tenfold up: {target}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("where")
     table.add_row("serving", f"http://{host}:{port}  (docs: http://{host}:{port}/docs)")
-    table.add_row("workers", str(workers))
+    table.add_row("server", f"{server}, {workers} worker(s)")
     mode = "embedded" if settings.events_url.startswith("memory") else "services"
     table.add_row("mode", mode)
     shards = settings.shard_specs()
@@ -116,7 +118,7 @@ def up(
     except TenfoldError as exc:
         raise fail(str(exc)) from None
     fresh = sum(len(v) for v in applied.values())
-    console.print(describe(target, settings, host, port, workers))
+    console.print(describe(target, settings, host, port, workers, server))
     console.print(f"migrations: {fresh} applied" if fresh else "migrations: up to date")
     serve(target, host, port, workers, settings, server)
 
@@ -148,6 +150,13 @@ def serve(target: str, host: str, port: int, workers: int, settings: Settings, s
         "workers": workers,
         "loop": "uvloop",
         "http": "httptools",
+        # /ws: the sans-I/O websockets protocol, no per-message deflate (frames
+        # are small JSON, compression costs CPU and memory per connection); frames
+        # over the hub's bound are refused by the hub itself (close 4000), so the
+        # server only needs to stop absurd ones.
+        "ws": "websockets-sansio",
+        "ws_per_message_deflate": False,
+        "ws_max_size": max(64 * 1024, 4 * settings.realtime_max_frame_bytes),
         "lifespan": "on",
         "access_log": False,
         "timeout_graceful_shutdown": int(max(1, settings.drain_timeout_s)),
