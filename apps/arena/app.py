@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     wallet.register_consumers(runtime.bus)
     leaderboard.register_consumers(runtime.bus)
     rooms.register_consumers(runtime.bus)
+    rooms.register_realtime(runtime)
     for module in (accounts, rooms, wallet, leaderboard):
         app.include_router(module.router, responses=PROBLEM_RESPONSES)
     mount_web(app)

@@ -262,6 +262,41 @@ async def list_messages(
     return MessagePage(items=items, next_cursor=next_cursor)
 
 
+def register_realtime(rt: Runtime) -> None:
+    """Realtime: room channels for members, committed messages fanned out to them.
+
+    - "room:<id>": members may subscribe, see presence and send ephemeral frames
+      (typing indicators); stored messages are only ever published by the
+      consumer below, from committed `arena.messages` events, never by clients.
+    - "user:<id>": the user's own channel (wallet/points notifications).
+    """
+
+    async def authorize(principal: Principal, channel: str, action: str) -> bool:
+        kind, _, ident = channel.partition(":")
+        if kind == "user":
+            return ident == principal.subject and action == "read"
+        if kind != "room" or action == "publish" or not ident.isdigit() or len(ident) > 19:
+            return False
+        if int(ident) > _MAX_ID:
+            return False
+        state = await _membership(rt, int(ident), int(principal.subject))
+        return bool(state["member"])
+
+    rt.realtime.authorize = authorize
+
+    @rt.bus.consumer(topics.MESSAGES, group="realtime_rooms")
+    async def fan_out(delivery: Any) -> None:
+        event = delivery.event
+        await rt.realtime.publish(event.key, event.data())
+
+    @rt.bus.consumer(topics.POINTS, group="realtime_points")
+    async def points(delivery: Any) -> None:
+        change = delivery.event.data()
+        await rt.realtime.publish(
+            f"user:{change['user_id']}", {"kind": "points", "delta": change["delta"]}
+        )
+
+
 def register_consumers(bus: EventBus) -> None:
     """The \"my rooms\" projection on each user's shard."""
 

@@ -221,6 +221,17 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     trace_exporter: str = "none"
     drain_timeout_s: float = 10.0
+    # realtime hub (/ws): fan-out goes over TENFOLD_EVENTS_URL (in-process or NATS)
+    realtime_max_frame_bytes: int = 16 * 1024
+    realtime_auth_timeout_s: float = 10.0
+    realtime_send_queue: int = 256
+    realtime_max_channels: int = 100
+    realtime_publish_rate: float = 20.0
+    realtime_publish_burst: int = 40
+    realtime_max_conns_per_user: int = 20
+    realtime_history_size: int = 100
+    realtime_history_ttl_s: float = 300.0
+    realtime_presence_ttl_s: float = 30.0
 
     @field_validator("catalog_url")
     @classmethod
@@ -288,6 +299,10 @@ class Settings(BaseSettings):
             "consumer_initial_backoff_s",
             "consumer_max_backoff_s",
             "handler_timeout_s",
+            "realtime_auth_timeout_s",
+            "realtime_publish_rate",
+            "realtime_history_ttl_s",
+            "realtime_presence_ttl_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
@@ -303,6 +318,12 @@ class Settings(BaseSettings):
             ("events_partitions", 1, 4096),
             ("relay_batch_size", 1, 10_000),
             ("consumer_max_attempts", 1, 1000),
+            ("realtime_max_frame_bytes", 64, 16 * 1024 * 1024),
+            ("realtime_send_queue", 1, 1_000_000),
+            ("realtime_max_channels", 1, 100_000),
+            ("realtime_publish_burst", 1, 1_000_000),
+            ("realtime_max_conns_per_user", 1, 1_000_000),
+            ("realtime_history_size", 1, 1_000_000),
         ):
             if not low <= getattr(self, name) <= high:
                 raise ConfigError(

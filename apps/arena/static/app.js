@@ -480,6 +480,19 @@
       setStatus("closed");
     }
 
+    // Drop the connection and stay offline until resume() (tests use it to miss messages).
+    function pause() {
+      wanted = false;
+      clearTimeout(retryTimer);
+      if (ws) ws.close(1000, "paused");
+    }
+
+    function resume() {
+      wanted = true;
+      attempts = 0;
+      if (!ws) connect();
+    }
+
     function connect() {
       clearTimeout(retryTimer);
       if (!state.access) return;
@@ -560,14 +573,19 @@
         positions.set(ch, { epoch: f.epoch, offset: f.offset });
         setStatus("subscribed");
         $("chat").dataset.subscribed = ch;
+        $("chat").dataset.recovered = since ? String(f.recovered === true) : "";
         // Without a recovery, messages may have been missed: resync over HTTP.
         if (!(since && f.recovered === true)) loadHistory();
-        send({ op: "presence", ch }, (p) => {
-          if (ch !== channel || p.op !== "presence") return;
-          state.presence = new Map();
-          for (const m of p.members || []) state.presence.set(String(m.user), m.name || String(m.user));
-          renderPresence();
-        });
+        requestPresence(ch);
+      });
+    }
+
+    function requestPresence(ch) {
+      send({ op: "presence", ch }, (p) => {
+        if (ch !== channel || p.op !== "presence") return;
+        state.presence = new Map();
+        for (const m of p.members || []) state.presence.set(String(m.user), m.name || String(m.user));
+        renderPresence();
       });
     }
 
@@ -608,15 +626,21 @@
         state.presence.set(String(f.user), f.name || String(f.user));
         renderPresence();
       } else if (f.op === "leave") {
+        // Presence is per connection: one of the user's tabs leaving may leave
+        // another behind, so ask for the list rather than dropping the user.
         state.presence.delete(String(f.user));
         renderPresence();
+        requestPresence(f.ch);
       }
     }
 
-    return { start, stop, send, subscribe, unsubscribe };
+    return { start, stop, send, subscribe, unsubscribe, pause, resume };
   })();
 
   // ---------- wiring ----------
+
+  // For tests and the console: drop the live connection, then reconnect from the last position.
+  window.arenaChat = Object.freeze({ pause: hub.pause, resume: hub.resume });
 
   document.addEventListener("DOMContentLoaded", () => {
     $("auth-form").addEventListener("submit", login);

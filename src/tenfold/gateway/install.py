@@ -6,6 +6,7 @@ runtime = tenfold.install(app)          # or install(app, Runtime(settings))
 adds:
 - `TenfoldMiddleware` (request id, body bound, auth, rate limits, admission, metrics)
 - problem-response handlers for tenfold errors, HTTP errors and validation errors
+- `/ws`: the realtime hub's WebSocket endpoint (docs/realtime.md)
 - `GET /healthz` (the process is alive), `GET /readyz` (shards, cache and broker
   reachable: 200 or 503), `GET /metrics` (Prometheus text format)
 - the lifespan: `runtime.start()` before the app's own start-up, `runtime.stop()`
@@ -30,6 +31,7 @@ from tenfold.gateway import problems
 from tenfold.gateway.middleware import TenfoldMiddleware
 from tenfold.gateway.runtime import Runtime
 from tenfold.observe.metrics import REGISTRY
+from tenfold.realtime.endpoint import route as realtime_route
 
 __all__ = ["install", "runtime_of"]
 
@@ -64,6 +66,8 @@ def install(app: Starlette, runtime: Runtime | None = None) -> Runtime:
 
     for path, endpoint in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
         app.add_route(path, endpoint, methods=["GET"], include_in_schema=False)
+
+    app.router.routes.append(realtime_route(runtime.realtime, "/ws"))
 
     inner = app.router.lifespan_context
 

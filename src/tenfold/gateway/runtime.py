@@ -37,6 +37,7 @@ from tenfold.gateway.auth.passwords import OWASP, TESTING
 from tenfold.limits import AdmissionController, AimdLimit, RateLimiter
 from tenfold.limits import from_url as limits_from_url
 from tenfold.observe import tracing
+from tenfold.realtime import Hub, HubLimits, broker_from_url
 
 __all__ = ["Principal", "Runtime"]
 
@@ -111,6 +112,25 @@ class Runtime:
                 "parameters) or 'testing' (cheap, for test suites only)",
             )
         self.passwords = PasswordHasher(profiles[s.password_profile])
+        self.realtime = Hub(
+            broker_from_url(
+                s.events_url,
+                history_size=s.realtime_history_size,
+                history_ttl_s=s.realtime_history_ttl_s,
+                presence_ttl_s=s.realtime_presence_ttl_s,
+                connect_timeout_s=s.events_connect_timeout_s,
+            ),
+            authenticate=self.verify_token,
+            limits=HubLimits(
+                max_frame_bytes=s.realtime_max_frame_bytes,
+                auth_timeout_s=s.realtime_auth_timeout_s,
+                send_queue=s.realtime_send_queue,
+                max_channels=s.realtime_max_channels,
+                publish_rate=s.realtime_publish_rate,
+                publish_burst=s.realtime_publish_burst,
+                max_conns_per_user=s.realtime_max_conns_per_user,
+            ),
+        )
         self.started = False
 
     async def start(self) -> None:
@@ -120,8 +140,11 @@ class Runtime:
         await self.db.open()
         try:
             await self.cache.start()
+            await self.realtime.start()
             await self.bus.start()
         except BaseException:
+            with contextlib.suppress(Exception):
+                await self.realtime.stop()
             await self.db.close()
             raise
         self.started = True
@@ -132,6 +155,8 @@ class Runtime:
             return
         self.started = False
         try:
+            with contextlib.suppress(Exception):
+                await self.realtime.stop()  # clients get 1001 and reconnect elsewhere
             await self.bus.stop(drain_timeout_s=self.settings.drain_timeout_s)
         finally:
             with contextlib.suppress(Exception):
@@ -163,6 +188,14 @@ class Runtime:
         scope["tenfold.principal"] = principal
         return principal
 
+    def verify_token(self, token: str) -> Principal | None:
+        """The principal of an access token, or None when it is not valid (WebSocket auth)."""
+        try:
+            claims = self.tokens.verify(token)
+        except TenfoldError:
+            return None
+        return Principal(claims.subject, dict(claims.extra))
+
     def sample_pools(self) -> None:
         """Set the pool gauges from each pool's live counts (called on every scrape)."""
         if not self.started:
@@ -188,7 +221,11 @@ class Runtime:
                     entry["error"] = h.error or "unreachable"
                     out["ready"] = False
                 out["checks"][f"shard:{h.name}"] = entry
-        for name, target in (("cache", self.cache.l2), ("events", self.bus.backend)):
+        for name, target in (
+            ("cache", self.cache.l2),
+            ("events", self.bus.backend),
+            ("realtime", self.realtime.broker),
+        ):
             probe = getattr(target, "ping", None)
             if probe is None:
                 continue

@@ -63,9 +63,7 @@ class Request:
 def check_channel(ch: object) -> str:
     """`ch` if it is a valid channel name, else ValueError."""
     if not isinstance(ch, str) or not _CHANNEL.match(ch):
-        raise ValueError(
-            f"channel {str(ch)[:40]!r} is invalid: 1-128 of letters, digits and _-:.@"
-        )
+        raise ValueError(f"channel {str(ch)[:40]!r} is invalid: 1-128 of letters, digits and _-:.@")
     return ch
 
 
@@ -130,7 +128,7 @@ def parse(raw: str | bytes, max_bytes: int) -> Request:
                 or since["offset"] < 0
             ):
                 raise BadFrame(
-                    "bad_request", "'since' must be {\"epoch\": str, \"offset\": int >= 0}", ref
+                    "bad_request", '\'since\' must be {"epoch": str, "offset": int >= 0}', ref
                 )
             req.since = (since["epoch"], since["offset"])
     elif op == "pub":
@@ -162,8 +160,14 @@ def msg_frame(ch: str, data: bytes, epoch: str | None = None, offset: int | None
     if offset is None:
         return (head + b',"data":' + data + b',"ephemeral":true}').decode()
     return (
-        head + b',"epoch":' + orjson.dumps(epoch) + b',"offset":' + str(offset).encode()
-        + b',"data":' + data + b"}"
+        head
+        + b',"epoch":'
+        + orjson.dumps(epoch)
+        + b',"offset":'
+        + str(offset).encode()
+        + b',"data":'
+        + data
+        + b"}"
     ).decode()
 
 

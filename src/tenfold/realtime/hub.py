@@ -1,0 +1,522 @@
+"""`Hub`: the WebSocket connections of one node, their subscriptions and fan-out.
+
+hub = Hub(broker, authenticate=verify)     # verify(token) -> principal or None
+hub.authorize = my_check                   # async (principal, channel, action) -> bool
+await hub.start()
+await hub.serve(websocket)                 # one per connection (the /ws endpoint)
+await hub.publish("room:42", {"body": "hi"})
+await hub.stop()                           # clients are closed with 1001
+
+Every connection has a bounded send queue drained by its own writer task:
+fan-out appends one shared, already-encoded frame to each subscriber's queue
+and never waits on a socket, so a slow client cannot slow the others; one
+whose queue overflows is closed with 4009. Actions passed to `authorize`:
+"read" (subscribe, presence), "publish" (stored publish), "ephemeral"
+(a publish that is delivered but not stored, e.g. typing indicators).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from tenfold.errors import BrokerUnavailable
+from tenfold.realtime import protocol as p
+from tenfold.realtime.base import Broker
+
+__all__ = ["Authorize", "Hub", "HubLimits", "PrincipalLike", "default_authorize"]
+
+log = logging.getLogger("tenfold.realtime")
+
+
+class PrincipalLike(Protocol):
+    @property
+    def subject(self) -> str: ...
+    @property
+    def claims(self) -> dict[str, Any]: ...
+
+
+Authorize = Callable[[Any, str, str], Awaitable[bool]]
+
+
+async def default_authorize(principal: Any, channel: str, action: str) -> bool:
+    """Deny everything except the caller's own channel "user:<subject>"."""
+    return bool(channel == f"user:{principal.subject}")
+
+
+@dataclass(frozen=True, slots=True)
+class HubLimits:
+    max_frame_bytes: int = 16 * 1024
+    auth_timeout_s: float = 10.0
+    send_queue: int = 256
+    max_channels: int = 100
+    publish_rate: float = 20.0
+    publish_burst: int = 40
+    max_conns_per_user: int = 20
+    close_timeout_s: float = 2.0
+
+
+class _Closed(Exception):
+    pass
+
+
+class Connection:
+    """One client socket: its identity, channels and bounded send queue."""
+
+    __slots__ = (
+        "channels",
+        "close_code",
+        "close_reason",
+        "id",
+        "limit",
+        "name",
+        "principal",
+        "queue",
+        "recovering",
+        "send",
+        "tokens",
+        "tokens_at",
+        "user",
+        "wake",
+        "writer",
+    )
+
+    def __init__(self, send: Callable[[Any], Awaitable[None]], limit: int) -> None:
+        self.id = secrets.token_hex(8)
+        self.send = send
+        self.limit = limit
+        self.queue: deque[str] = deque()
+        self.wake = asyncio.Event()
+        self.channels: set[str] = set()
+        self.recovering: dict[str, list[tuple[int | None, str]]] = {}
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.principal: Any = None
+        self.user = ""
+        self.name = ""
+        self.tokens = 0.0
+        self.tokens_at = 0.0
+        self.writer: asyncio.Task[None] | None = None
+
+    def push(self, text: str, *, force: bool = False) -> None:
+        """Queue a frame; a full queue closes the connection with 4009."""
+        if self.close_code is not None:
+            return
+        if not force and len(self.queue) >= self.limit:
+            self.queue.clear()
+            self.close(4009, "slow consumer: the send queue overflowed")
+            if self.writer is not None:
+                self.writer.cancel()  # it may be stuck on a full socket
+            return
+        self.queue.append(text)
+        self.wake.set()
+
+    def deliver(self, channel: str, offset: int | None, text: str) -> None:
+        buffer = self.recovering.get(channel)
+        if buffer is not None:
+            if len(buffer) >= self.limit:
+                self.queue.clear()
+                self.close(4009, "slow consumer: overflow while recovering")
+                if self.writer is not None:
+                    self.writer.cancel()
+                return
+            buffer.append((offset, text))
+            return
+        self.push(text)
+
+    def close(self, code: int, reason: str = "") -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self.wake.set()
+
+    async def write_loop(self) -> None:
+        send = self.send
+        queue = self.queue
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while queue:
+                await send({"type": "websocket.send", "text": queue.popleft()})
+            if self.close_code is not None:
+                return
+
+
+class Hub:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        authenticate: Callable[[str], Any],
+        limits: HubLimits | None = None,
+        authorize: Authorize | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.broker = broker
+        self.authenticate = authenticate
+        self.limits = limits or HubLimits()
+        self.authorize: Authorize = authorize or default_authorize
+        self.clock = clock
+        self.channels: dict[str, set[Connection]] = {}
+        self.connections: set[Connection] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self.started = False
+        self.stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.started:
+            return
+        self.stopping = False
+        self.started = True
+        try:
+            await self.broker.start(self._deliver)
+        except BrokerUnavailable as exc:
+            # Like the event bus: the app starts; sockets get 1011 until the broker answers.
+            log.warning("realtime starting without its broker, will retry: %s", exc)
+            self._connecting = asyncio.create_task(self._connect_loop(), name="realtime:connect")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="realtime:heartbeat")
+
+    async def _connect_loop(self) -> None:
+        failures = 0
+        while True:
+            failures += 1
+            await asyncio.sleep(min(5.0, 0.1 * 2**failures) * (0.5 + random.random() / 2))
+            try:
+                await self.broker.start(self._deliver)
+            except BrokerUnavailable as exc:
+                log.warning("realtime broker still unavailable: %s", exc)
+            else:
+                return
+
+    async def stop(self) -> None:
+        """Close every client with 1001 (reconnect elsewhere), then the broker."""
+        if not self.started:
+            return
+        self.stopping = True
+        for conn in list(self.connections):
+            conn.close(1001, "server shutting down")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.close_timeout_s + 1):
+                while self.connections:  # noqa: ASYNC110 - serve() removes them
+                    await asyncio.sleep(0.02)
+        for task in (self._heartbeat, self._connecting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._connecting = None
+        self.started = False
+        await self.broker.close()
+
+    async def _heartbeat_loop(self) -> None:
+        every = max(0.05, self.broker.presence_ttl_s / 3)
+        while True:
+            await asyncio.sleep(every)
+            presence = [(ch, c.id, c.user, c.name) for c in self.connections for ch in c.channels]
+            conns = [(c.user, c.id) for c in self.connections if c.user]
+            for ch in [c for c, lock in self._locks.items() if not lock.locked()]:
+                if ch not in self.channels:
+                    del self._locks[ch]
+            try:
+                await self.broker.refresh(presence, conns)
+            except Exception as exc:  # the next beat retries; entries live for a TTL
+                log.warning("realtime heartbeat failed: %s", exc)
+
+    # -- server-side publish ------------------------------------------------------
+
+    async def publish(self, channel: str, data: Any, *, ephemeral: bool = False) -> int | None:
+        """Publish `data` (JSON-able) to `channel` on every node; the offset, unless ephemeral."""
+        p.check_channel(channel)
+        return await self.broker.publish(channel, orjson.dumps(data), ephemeral=ephemeral)
+
+    def _deliver(self, channel: str, offset: int | None, text: str) -> None:
+        subs = self.channels.get(channel)
+        if subs:
+            for conn in tuple(subs):
+                conn.deliver(channel, offset, text)
+
+    # -- one connection -----------------------------------------------------------
+
+    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
+        """Run one WebSocket connection (an ASGI websocket scope) to its end."""
+        msg = await receive()
+        if msg["type"] != "websocket.connect":
+            return
+        if self.stopping:
+            await send({"type": "websocket.close", "code": 1001})
+            return
+        await send({"type": "websocket.accept"})
+        conn = Connection(send, self.limits.send_queue)
+        ref: int | None = None
+        token = _query_token(scope)
+        try:
+            if token is None:
+                try:
+                    async with asyncio.timeout(self.limits.auth_timeout_s):
+                        msg = await receive()
+                except TimeoutError:
+                    raise _CloseNow(4001, "no auth frame within the timeout") from None
+                if msg["type"] == "websocket.disconnect":
+                    return
+                try:
+                    req = p.parse(_text(msg), self.limits.max_frame_bytes)
+                except p.Malformed as exc:
+                    raise _CloseNow(4000, str(exc)) from None
+                except p.BadFrame as exc:
+                    raise _CloseNow(4001, f"the first frame must be auth: {exc.message}") from None
+                if req.op != "auth":
+                    raise _CloseNow(4001, 'the first frame must be {"op":"auth",...}')
+                token, ref = req.token, req.ref
+            principal = self.authenticate(token)
+            if principal is None:
+                raise _CloseNow(4001, "invalid or expired access token")
+        except _CloseNow as exc:
+            await _close(send, exc.code, exc.reason)
+            return
+        conn.principal = principal
+        conn.user = str(principal.subject)
+        conn.name = str(principal.claims.get("name", "") or conn.user)
+        try:
+            admitted = await self.broker.conn_acquire(
+                conn.user, conn.id, self.limits.max_conns_per_user
+            )
+        except Exception as exc:  # the broker is down: try again later / elsewhere
+            log.warning("realtime: cannot count connections: %r", exc)
+            await _close(send, 1011, "realtime broker unavailable; reconnect later")
+            return
+        if not admitted:
+            await _close(send, 4008, "too many connections for this user")
+            return
+        self.connections.add(conn)
+        ok: dict[str, Any] = {"op": "ok", "user": conn.user, "conn": conn.id}
+        if ref is not None:
+            ok["ref"] = ref
+        conn.push(p.frame(ok))
+        conn.tokens = float(self.limits.publish_burst)
+        conn.tokens_at = self.clock()
+        writer = conn.writer = asyncio.create_task(conn.write_loop())
+        reader = asyncio.create_task(self._read_loop(conn, receive))
+        try:
+            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and not writer.done():
+                if conn.close_code is None:
+                    writer.cancel()  # the client went away
+                else:  # flush what is queued, then close
+                    with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                        async with asyncio.timeout(self.limits.close_timeout_s):
+                            await writer
+            if not reader.done():
+                reader.cancel()
+            if conn.close_code is not None:
+                # A slow consumer's socket is full: give it longer to take the close frame.
+                wait = self.limits.close_timeout_s * (5 if conn.close_code == 4009 else 1)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(wait):
+                        await _close(send, conn.close_code, conn.close_reason)
+        finally:
+            for task in (writer, reader):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+            await self._cleanup(conn)
+
+    async def _cleanup(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        conn.close_code = conn.close_code or 1000
+        for ch in list(conn.channels):
+            with contextlib.suppress(Exception):
+                await self._leave(conn, ch)
+        with contextlib.suppress(Exception):
+            await self.broker.conn_release(conn.user, conn.id)
+
+    async def _read_loop(self, conn: Connection, receive: Any) -> None:
+        max_bytes = self.limits.max_frame_bytes
+        while conn.close_code is None:
+            msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            try:
+                req = p.parse(_text(msg), max_bytes)
+            except p.Malformed as exc:
+                conn.close(4000, str(exc)[:120])
+                return
+            except p.BadFrame as exc:
+                conn.push(p.error_frame(exc.code, exc.message, exc.ref))
+                continue
+            try:
+                await self._handle(conn, req)
+            except p.BadFrame as exc:
+                conn.push(p.error_frame(exc.code, exc.message, exc.ref))
+            except Exception as exc:  # a failing broker or check answers, never crashes
+                log.exception("realtime: %s on %s failed", req.op, req.ch)
+                conn.push(
+                    p.error_frame("unavailable", f"{req.op} failed: {type(exc).__name__}", req.ref)
+                )
+
+    async def _handle(self, conn: Connection, req: p.Request) -> None:
+        op, ref, ch = req.op, req.ref, req.ch
+        if op == "ping":
+            conn.push(p.frame({"op": "pong", "ref": ref} if ref is not None else {"op": "pong"}))
+        elif op == "sub":
+            await self._sub(conn, req)
+        elif op == "unsub":
+            if ch not in conn.channels:
+                raise p.BadFrame("not_subscribed", f"not subscribed to {ch}", ref)
+            await self._leave(conn, ch)
+            conn.push(_ok(ref))
+        elif op == "pub":
+            action = "ephemeral" if req.ephemeral else "publish"
+            if not await self.authorize(conn.principal, ch, action):
+                raise p.BadFrame("forbidden", f"no right to {action} on {ch}", ref)
+            if not self._take_token(conn):
+                raise p.BadFrame(
+                    "rate_limited",
+                    f"at most {self.limits.publish_rate:g} publishes per second per connection",
+                    ref,
+                )
+            offset = await self.broker.publish(ch, req.data, ephemeral=req.ephemeral)
+            if ref is not None:
+                answer: dict[str, Any] = {"op": "ok", "ref": ref}
+                if offset is not None:
+                    answer["offset"] = offset
+                conn.push(p.frame(answer))
+        elif op == "presence":
+            if ch not in conn.channels and not await self.authorize(conn.principal, ch, "read"):
+                raise p.BadFrame("forbidden", f"no right to read {ch}", ref)
+            members = await self.broker.presence_list(ch)
+            out: dict[str, Any] = {"op": "presence", "ch": ch, "members": members}
+            if ref is not None:
+                out["ref"] = ref
+            conn.push(p.frame(out))
+        elif op == "auth":
+            raise p.BadFrame("bad_request", "already authenticated", ref)
+
+    def _take_token(self, conn: Connection) -> bool:
+        now = self.clock()
+        lim = self.limits
+        conn.tokens = min(
+            float(lim.publish_burst), conn.tokens + (now - conn.tokens_at) * lim.publish_rate
+        )
+        conn.tokens_at = now
+        if conn.tokens < 1.0:
+            return False
+        conn.tokens -= 1.0
+        return True
+
+    def _lock(self, ch: str) -> asyncio.Lock:
+        lock = self._locks.get(ch)
+        if lock is None:
+            lock = self._locks[ch] = asyncio.Lock()
+        return lock
+
+    async def _sub(self, conn: Connection, req: p.Request) -> None:
+        ch, ref = req.ch, req.ref
+        if ch in conn.channels:
+            raise p.BadFrame("bad_request", f"already subscribed to {ch}", ref)
+        if len(conn.channels) >= self.limits.max_channels:
+            raise p.BadFrame(
+                "limit", f"at most {self.limits.max_channels} channels per connection", ref
+            )
+        if not await self.authorize(conn.principal, ch, "read"):
+            raise p.BadFrame("forbidden", f"no right to read {ch}", ref)
+        conn.recovering[ch] = []
+        try:
+            async with self._lock(ch):
+                subs = self.channels.get(ch)
+                if subs is None:
+                    subs = self.channels[ch] = set()
+                    try:
+                        await self.broker.subscribe(ch)
+                    except BaseException:
+                        del self.channels[ch]
+                        raise
+                subs.add(conn)
+            conn.channels.add(ch)
+            pos = await self.broker.position(ch)
+            ok: dict[str, Any] = {"op": "ok", "ch": ch, "epoch": pos.epoch, "offset": pos.offset}
+            if ref is not None:
+                ok["ref"] = ref
+            last = pos.offset
+            missed: list[tuple[int, str]] = []
+            if req.since is not None:
+                got = await self.broker.since(ch, req.since[0], req.since[1])
+                ok["recovered"] = got is not None
+                if got is not None:
+                    missed = got
+            conn.push(p.frame(ok), force=True)
+            for stored, text in missed:
+                conn.push(text, force=True)
+                last = max(last, stored)
+            await self.broker.presence_add(ch, conn.id, conn.user, conn.name)
+            await self.broker.publish_frame(ch, p.presence_frame("join", ch, conn.user, conn.name))
+        except BaseException:
+            conn.recovering.pop(ch, None)
+            if ch in conn.channels:
+                with contextlib.suppress(Exception):
+                    await self._leave(conn, ch)
+            raise
+        for live, text in conn.recovering.pop(ch, ()):
+            if live is None or live > last:
+                conn.push(text)
+
+    async def _leave(self, conn: Connection, ch: str) -> None:
+        conn.channels.discard(ch)
+        async with self._lock(ch):
+            subs = self.channels.get(ch)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self.channels[ch]
+                    await self.broker.unsubscribe(ch)
+        await self.broker.presence_remove(ch, conn.id)
+        await self.broker.publish_frame(ch, p.presence_frame("leave", ch, conn.user, conn.name))
+
+
+class _CloseNow(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _ok(ref: int | None) -> str:
+    return p.frame({"op": "ok", "ref": ref} if ref is not None else {"op": "ok"})
+
+
+def _text(msg: dict[str, Any]) -> str | bytes:
+    text = msg.get("text")
+    if text is not None:
+        return str(text)
+    data = msg.get("bytes")
+    return bytes(data) if data is not None else b""
+
+
+def _query_token(scope: Any) -> str | None:
+    from urllib.parse import parse_qs
+
+    qs = scope.get("query_string", b"")
+    if not qs:
+        return None
+    values = parse_qs(qs.decode("latin-1")).get("token")
+    return values[0] if values else None
+
+
+async def _close(send: Any, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
