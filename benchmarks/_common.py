@@ -125,3 +125,22 @@ async def calls_per_s(
     start = time.perf_counter()
     await asyncio.gather(*(worker(chunk) for chunk in chunks))
     return len(items) / (time.perf_counter() - start)
+
+
+async def delete_redis_keys(url: str, patterns: Sequence[str]) -> None:
+    """Delete every key matching each SCAN pattern (a benchmark's run-unique prefixes)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, socket_timeout=10)
+    try:
+        for pattern in patterns:
+            batch = []
+            async for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    await client.delete(*batch)
+                    batch.clear()
+            if batch:
+                await client.delete(*batch)
+    finally:
+        await client.aclose()

@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 from rich.table import Table
 
-from benchmarks._common import calls_per_s, median, rate, redis_url
+from benchmarks._common import calls_per_s, delete_redis_keys, median, rate, redis_url
 from benchmarks._common import main as run_main
 
 SEED = 20240607
@@ -132,21 +132,9 @@ def _ratios(samples: dict[str, dict[str, list[float]]], ours: str) -> dict[str, 
 
 
 async def _cleanup(url: str, prefixes: list[str], closers: list[Any]) -> None:
-    import redis.asyncio as aioredis
-
     for closer in closers:
         await closer.close()
-    client = aioredis.Redis.from_url(url, socket_timeout=10)
-    for prefix in prefixes:
-        batch = []
-        async for key in client.scan_iter(match=f"*{prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                await client.delete(*batch)
-                batch.clear()
-        if batch:
-            await client.delete(*batch)
-    await client.aclose()
+    await delete_redis_keys(url, [f"*{prefix}*" for prefix in prefixes])
 
 
 def _l2_fraction(prefix: str) -> float:

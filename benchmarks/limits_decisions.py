@@ -24,7 +24,7 @@ from typing import Any
 
 from rich.table import Table
 
-from benchmarks._common import calls_per_s, median, rate, redis_url
+from benchmarks._common import calls_per_s, delete_redis_keys, median, rate, redis_url
 from benchmarks._common import main as run_main
 from tenfold.limits import Rule
 from tenfold.limits.redis import RedisStorage
@@ -64,20 +64,9 @@ async def _sides(url: str, prefix: str) -> tuple[dict[str, Decide], list[Any]]:
 
 
 async def _cleanup(url: str, prefix: str, closers: list[Any]) -> None:
-    import redis.asyncio as aioredis
-
     for closer in closers:
         await closer.close()
-    client = aioredis.Redis.from_url(url, socket_timeout=10)
-    batch = []
-    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            await client.delete(*batch)
-            batch.clear()
-    if batch:
-        await client.delete(*batch)
-    await client.aclose()
+    await delete_redis_keys(url, [f"{prefix}:*"])
 
 
 async def _run(quick: bool) -> dict[str, Any]:
