@@ -7,8 +7,8 @@ process measured is the one holding every connection:
 
 - "tenfold hub": `tenfold up arena --workers 1 --server uvicorn` (PostgreSQL
   shard + catalog, events `memory://`); every connection sends `auth` (one of
-  N/50 arena users, 50 connections each) and `sub` to the channel of a room they
-  all joined, then idles.
+  N/50 arena users, 50 connections each) and `sub` to the channel of one room
+  they all joined, then idles.
 - "python-socketio" (reference, `benchmarks/socketio_peer.py`): `tenfold up
   benchmarks.socketio_peer:create_app --workers 1` (in-process manager); every
   connection does the Engine.IO/Socket.IO handshake and joins one room.
@@ -216,9 +216,9 @@ def run(quick: bool) -> dict[str, Any]:
                 with server_pid("benchmarks.socketio_peer:create_app", env, work) as (url, pid):
                     samples[PEER].append(measure("socketio", url, pid, "room-bench", "", n))
                 with server_pid("arena", hub_env(env), work) as (url, pid):
-                    # a room per user (50 connections each): every `sub` sends a presence
-                    # `join` to the whole channel, 10,000 on one channel would be 50M frames
-                    token, room = arena_users(url, n, own_rooms=True)
+                    # one room for every connection, like the peer's one room (join/leave
+                    # frames are opt-in and these clients do not ask for them)
+                    token, room = arena_users(url, n)
                     samples[SUBJECT].append(measure("tenfold", url, pid, f"room:{room}", token, n))
                 for name in samples:
                     s = samples[name][-1]

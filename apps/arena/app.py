@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     leaderboard.register_consumers(runtime.bus)
     rooms.register_consumers(runtime.bus)
     rooms.register_realtime(runtime)
-    for module in (accounts, rooms, wallet, leaderboard):
+    # Routes are matched in order: the busiest (chat) first.
+    for module in (rooms, wallet, accounts, leaderboard):
         app.include_router(module.router, responses=PROBLEM_RESPONSES)
     mount_web(app)
     install(app, runtime)

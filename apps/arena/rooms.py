@@ -175,54 +175,55 @@ async def send_message(
     author = user.claims.get("name", user.subject)
     now = time.time()
     message_id = rt.db.new_id(rid)
-    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
-        if idempotency_key is not None:
-            row = await conn.fetchrow(
-                "SELECT id, body, created_at FROM arena_messages "
-                "WHERE room_id = $1 AND author_id = $2 AND idem_key = $3",
-                rid,
-                author_id,
-                idempotency_key,
+    row = {
+        "id": message_id,
+        "room_id": rid,
+        "author_id": author_id,
+        "author": author,
+        "body": body.body,
+        "idem_key": idempotency_key,
+        "created_at": now,
+    }
+    event = {
+        "id": str(message_id),
+        "room_id": str(rid),
+        "author": author,
+        "body": body.body,
+        "created_at": now,
+    }
+    async with rt.db.shard_for_id(rid) as conn:
+        if idempotency_key is None:
+            # The message row and its outbox row in one statement (one round trip).
+            await rt.bus.insert_and_emit(
+                conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
             )
-            if row is not None:
-                if row["body"] != body.body:
-                    raise Problem(
-                        422,
-                        "this Idempotency-Key was used for a different message",
-                        slug="idempotency-key-reused",
-                    )
-                response.status_code = 200  # a replay: the original, not a new message
-                return MessageOut(
-                    id=str(row["id"]),
-                    room_id=str(rid),
-                    author=author,
-                    body=row["body"],
-                    created_at=row["created_at"],
+        else:
+            async with conn.transaction():
+                replay = await conn.fetchrow(
+                    "SELECT id, body, created_at FROM arena_messages "
+                    "WHERE room_id = $1 AND author_id = $2 AND idem_key = $3",
+                    rid,
+                    author_id,
+                    idempotency_key,
                 )
-        await conn.insert(
-            "arena_messages",
-            {
-                "id": message_id,
-                "room_id": rid,
-                "author_id": author_id,
-                "author": author,
-                "body": body.body,
-                "idem_key": idempotency_key,
-                "created_at": now,
-            },
-        )
-        await rt.bus.emit(
-            conn,
-            topics.MESSAGES,
-            f"room:{rid}",
-            {
-                "id": str(message_id),
-                "room_id": str(rid),
-                "author": author,
-                "body": body.body,
-                "created_at": now,
-            },
-        )
+                if replay is not None:
+                    if replay["body"] != body.body:
+                        raise Problem(
+                            422,
+                            "this Idempotency-Key was used for a different message",
+                            slug="idempotency-key-reused",
+                        )
+                    response.status_code = 200  # a replay: the original, not a new message
+                    return MessageOut(
+                        id=str(replay["id"]),
+                        room_id=str(rid),
+                        author=author,
+                        body=replay["body"],
+                        created_at=replay["created_at"],
+                    )
+                await rt.bus.insert_and_emit(
+                    conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
+                )
     return MessageOut(
         id=str(message_id), room_id=str(rid), author=author, body=body.body, created_at=now
     )

@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretStr, ValidationError, field_validator, model_validator
@@ -176,6 +176,12 @@ class Settings(BaseSettings):
     query_timeout_s: float = 30.0
     scatter_timeout_s: float = 10.0
     statement_cache_size: int = 512
+    # What a connection's release resets. "transaction": roll back an open
+    # transaction only; connections follow PgBouncer's transaction-pooling rule
+    # (no session SET, LISTEN, session advisory lock or WITH HOLD cursor left
+    # behind), which saves a round trip per checkout. "session": asyncpg's full
+    # reset query (RESET ALL, UNLISTEN *, CLOSE ALL, advisory unlock) as well.
+    pool_reset: Literal["transaction", "session"] = "transaction"
     topology_ttl_s: float = 5.0
     topology_refresh_wait_s: float = 0.25
     replica_retry_s: float = 5.0
@@ -188,6 +194,10 @@ class Settings(BaseSettings):
     events_publish_timeout_s: float = 5.0
     relay_batch_size: int = 256
     relay_poll_interval_s: float = 0.2
+    # While rows keep coming, a relay pass waits this long first so one read
+    # and one mark carry several rows (Kafka's linger.ms); an idle outbox's
+    # first row goes out at once. 0 turns it off.
+    relay_linger_s: float = 0.005
     relay_lease_s: float = 10.0
     outbox_retention_s: float = 3600.0
     consumer_max_attempts: int = 5
@@ -308,6 +318,8 @@ class Settings(BaseSettings):
                 raise ConfigError(
                     f"TENFOLD_{name.upper()}", f"must be > 0, got {getattr(self, name)}"
                 )
+        if not 0 <= self.relay_linger_s <= 1:
+            raise ConfigError("TENFOLD_RELAY_LINGER_S", f"must be 0..1, got {self.relay_linger_s}")
         if self.id_worker_lease_s < 10:
             # Leases are treated as lapsed 2 s early and renewed every third of
             # their length; below 10 s a slow catalog would stop id issuance.

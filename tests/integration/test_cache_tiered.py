@@ -117,6 +117,22 @@ async def test_stampede_calls_the_loader_once(make_node: MakeNode) -> None:
     assert source.calls == 1
 
 
+async def test_hits_are_private_copies_even_of_nested_values(make_node: MakeNode) -> None:
+    cache = make_node().cache
+    original = {"members": [1, 2], "meta": {"open": True}}
+
+    async def load() -> dict[str, Any]:
+        return original
+
+    first = await cache.get_or_load("nested", load)
+    original["members"].append(3)  # the loader's object changes after it was cached
+    first["meta"]["open"] = False  # and so does a caller's copy
+    again = await cache.get_or_load("nested", load)  # an L1 hit
+    assert again == {"members": [1, 2], "meta": {"open": True}}
+    again["members"].clear()
+    assert await cache.get_or_load("nested", load) == {"members": [1, 2], "meta": {"open": True}}
+
+
 async def test_stale_while_revalidate_serves_stale_then_refreshes_once(
     make_node: MakeNode,
 ) -> None:

@@ -276,3 +276,51 @@ async def test_timeout_inside_a_transaction_rolls_it_back(make_db, backend):
         async with conn.transaction():
             await conn.execute("INSERT INTO kv (slot, k, v) VALUES (0, 'third', 1)")
     assert await _count(db) == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("reset", ["transaction", "session"])
+async def test_release_rolls_back_and_resets_what_pool_reset_says(make_db, reset):
+    db = await make_db(shards=1, pool_min_size=1, pool_max_size=1, pool_reset=reset)
+    async with db.shard("s0") as conn:
+        await conn.execute("SET application_name = 'left-behind'")
+    async with db.shard("s0") as conn:  # the same, only connection
+        name = await conn.fetchval("SHOW application_name")
+        # An open transaction never survives a release, whatever the mode.
+        await conn.execute("BEGIN")
+        await conn.execute("CREATE TEMP TABLE pending (x INT)")
+    async with db.shard("s0") as conn:
+        assert await conn.fetchval("SELECT current_setting('transaction_isolation')")
+        assert not await conn.fetchval("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+        assert await conn.fetchval("SELECT to_regclass('pending') IS NULL")
+    # "transaction" leaves session state as PgBouncer's transaction mode does;
+    # "session" resets it with asyncpg's full reset query.
+    assert name == ("left-behind" if reset == "transaction" else "")
+
+
+async def test_insert_together_is_all_or_nothing(make_db):
+    from tenfold.data.base import Insert
+
+    db = await _db_with_table(make_db)
+    async with db.shard("s0") as conn:
+        await conn.execute("CREATE TABLE log (note TEXT PRIMARY KEY)")
+    async with db.shard_for("a") as conn:
+        assert not conn.in_transaction
+        await conn.insert_together(
+            [Insert("kv", {"k": "a", "v": 1}), Insert("log", {"note": "a"}, sharded=False)]
+        )
+        with pytest.raises(ConstraintViolation):  # the second row clashes: neither is kept
+            await conn.insert_together(
+                [Insert("kv", {"k": "b", "v": 2}), Insert("log", {"note": "a"}, sharded=False)]
+            )
+        assert not conn.in_transaction
+        async with conn.transaction():  # inside a transaction it joins it
+            await conn.insert_together(
+                [Insert("kv", {"k": "c", "v": 3}), Insert("log", {"note": "c"}, sharded=False)]
+            )
+            assert conn.in_transaction
+        rows = await conn.fetch("SELECT k, slot FROM kv ORDER BY k")
+        notes = [r["note"] for r in await conn.fetch("SELECT note FROM log ORDER BY note")]
+    assert [r["k"] for r in rows] == ["a", "c"] and notes == ["a", "c"]
+    assert all(r["slot"] == conn.slot for r in rows)  # sharded rows get the key's slot

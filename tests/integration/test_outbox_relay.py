@@ -632,3 +632,67 @@ async def test_bus_retry_policy_dead_letters_through_the_bus(make_db):
 
 async def _dlq(streams: MemoryStreams, spec: TopicSpec) -> bool:
     return bool(await streams.dead_letters(spec))
+
+
+async def test_insert_and_emit_writes_both_in_one_step_and_is_published(make_db):
+    db = await make_db(shards=1, relay_poll_interval_s=5.0)  # only the wake-up publishes fast
+    await create_orders(db)
+    streams = RecordingStreams()
+    bus = EventBus(db, streams)
+    spec = bus.topic("shop.placed")
+    await bus.start()
+    try:
+        async with db.shard_for("o1") as conn:  # no transaction open: atomic by itself
+            event_id = await bus.insert_and_emit(
+                conn, "orders", {"id": "o1", "event_id": "e1"}, "shop.placed", "o1", {"n": 1}
+            )
+        with pytest.raises(PayloadError):  # a bad event: the row is not written either
+            async with db.shard_for("o2") as conn:
+                await bus.insert_and_emit(
+                    conn, "orders", {"id": "o2", "event_id": "e2"}, "shop.placed", "o2", {1j}
+                )
+        await wait_until(lambda: streams.calls[event_id] == 1, timeout_s=3)
+        async with db.shard_for("o1") as conn:
+            assert [r["id"] for r in await conn.fetch("SELECT id FROM orders")] == ["o1"]
+            row = await conn.fetchrow(
+                "SELECT topic, event_key, slot FROM tenfold_outbox WHERE event_id = $1", event_id
+            )
+        assert (row["topic"], row["event_key"], row["slot"]) == ("shop.placed", "o1", slot_of("o1"))
+        assert (await streams.topic_status(spec)).messages == 1
+    finally:
+        await bus.stop()
+
+
+async def test_a_busy_relay_lingers_to_batch_but_an_idle_one_publishes_at_once(make_db):
+    db = await make_db(shards=1, relay_poll_interval_s=5.0, relay_linger_s=0.05)
+    await create_orders(db)
+    streams = RecordingStreams()
+    batches: list[int] = []
+    publish = streams.publish
+
+    async def counting(spec: TopicSpec, events: list[Event]) -> None:
+        batches.append(len(events))
+        await publish(spec, events)
+
+    streams.publish = counting  # type: ignore[method-assign]
+    bus = EventBus(db, streams)
+    bus.topic("shop.placed")
+    await bus.start()
+    try:
+        started = time.monotonic()
+        async with db.shard_for("first") as conn:
+            await bus.insert_and_emit(
+                conn, "orders", {"id": "first", "event_id": "e"}, "shop.placed", "first", {}
+            )
+        await wait_until(lambda: len(batches) == 1, timeout_s=3)
+        assert time.monotonic() - started < 0.05  # the idle outbox's first row: no linger
+        for i in range(40):  # then a steady stream, a row every 2 ms
+            async with db.shard_for(f"o{i}") as conn:
+                await bus.insert_and_emit(
+                    conn, "orders", {"id": f"o{i}", "event_id": "e"}, "shop.placed", f"o{i}", {}
+                )
+            await asyncio.sleep(0.002)
+        await wait_until(lambda: sum(batches) == 41, timeout_s=5)
+    finally:
+        await bus.stop()
+    assert len(batches) <= 12, batches  # ~100 ms of rows in passes 50 ms apart, not 40 passes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,7 +41,7 @@ async def test_two_nodes_fan_out_presence_limits_and_failover(
         room = await _room(a, alice, bob)
         ch = f"room:{room}"
         async with a.ws(alice) as wa, b.ws(bob) as wb:
-            ok_a = await wa.request("sub", ch=ch)
+            ok_a = await wa.request("sub", ch=ch, join_leave=True)
             ok_b = await wb.request("sub", ch=ch)
             assert ok_a["epoch"] == ok_b["epoch"]
             # a committed message reaches both nodes' clients, whichever node consumed it
@@ -56,7 +57,9 @@ async def test_two_nodes_fan_out_presence_limits_and_failover(
             t = await wa.next("msg", ch=ch, ephemeral=True)
             assert t["data"] == {"typing": "bob"}
             # presence spans both nodes; join events cross too
-            assert (await wa.next("join", ch=ch, user=bob.id))["name"] == "bob"
+            assert {"user": bob.id, "name": "bob"} in (await _event(wa, "join", ch, bob.id))[
+                "users"
+            ]
             for ws in (wa, wb):
                 pres = await ws.request("presence", ch=ch)
                 assert {m["user"] for m in pres["members"]} == {alice.id, bob.id}
@@ -116,7 +119,7 @@ async def test_presence_of_a_crashed_node_expires(tmp_path: Path, nats_url: str)
             hub.broker.presence_remove = _noop
             hub.broker.conn_release = _noop
             await wait_until(
-                lambda: _members(wa, ch, {alice.id}), timeout_s=5, what="bob's entry to expire"
+                lambda: _members(wa, ch, {alice.id}), timeout_s=15, what="bob's entry to expire"
             )
             assert await _members(wa, ch, {alice.id})
 
@@ -135,7 +138,7 @@ async def test_nats_history_chain_detects_expired_gaps(nats_url: str) -> None:
     a = NatsBroker(nats_url, history_size=3, history_ttl_s=60, presence_ttl_s=5)
     b = NatsBroker(nats_url, history_size=3, history_ttl_s=60, presence_ttl_s=5)
     await a.start(lambda *f: None)
-    await b.start(lambda ch, off, text: got.append((ch, off, text)))
+    await b.start(lambda ch, off, text, at: got.append((ch, off, text)))
     try:
         ch = f"t:{secrets.token_hex(4)}"
         other = f"t:{secrets.token_hex(4)}"
@@ -160,3 +163,32 @@ async def test_nats_history_chain_detects_expired_gaps(nats_url: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_join_leave_once_per_user_across_nodes(tmp_path: Path, nats_url: str) -> None:
+    """bob on both nodes: closing one connection is no leave; closing the last one is."""
+    async with _two_nodes(tmp_path, nats_url) as (a, b):
+        alice = await a.arena.signup("alice")
+        bob = await a.arena.signup("bob")
+        room = await _room(a, alice, bob)
+        ch = f"room:{room}"
+        async with a.ws(alice) as wa:
+            await wa.request("sub", ch=ch, join_leave=True)
+            async with a.ws(bob) as on_a:
+                await on_a.request("sub", ch=ch)
+                await _event(wa, "join", ch, bob.id)
+                async with b.ws(bob) as on_b:
+                    await on_b.request("sub", ch=ch)
+                    await wa.drain(0.3)
+                assert not [f for f in await wa.drain(0.5) if f["op"] == "leave"]
+            leave = await _event(wa, "leave", ch, bob.id)
+            assert leave["users"] == [{"user": bob.id, "name": "bob"}]
+
+
+async def _event(ws: WS, op: str, ch: str, user: str) -> dict[str, Any]:
+    """The next `op` (join/leave) frame of `ch` that lists `user` (frames are coalesced)."""
+    async with asyncio.timeout(5):
+        while True:
+            f = await ws.next(op, ch=ch)
+            if any(u["user"] == user for u in f["users"]):
+                return f

@@ -47,13 +47,13 @@ def _processes_mentioning(*needles: str) -> list[str]:
 class Up:
     """`tenfold up --stack local` in `cwd`, output in `logs`."""
 
-    def __init__(self, cwd: Path, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, cwd: Path, env: dict[str, str], logs: Path, *args: str) -> None:
         logs.mkdir()
         self.logs = logs
         self.base = f"http://127.0.0.1:{free_port()}"
         self._out, self._err = (logs / "out.log").open("wb"), (logs / "err.log").open("wb")
         self.proc = subprocess.Popen(
-            [*CLI, "up", "--stack", "local", "--port", self.base.rsplit(":", 1)[1]],
+            [*CLI, "up", "--stack", "local", "--port", self.base.rsplit(":", 1)[1], *args],
             cwd=cwd,
             env=env,
             stdout=self._out,

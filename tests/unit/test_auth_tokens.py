@@ -292,3 +292,44 @@ def test_es256_needs_p256() -> None:
     )
     with pytest.raises(ConfigError, match="P-256"):
         AccessTokens(KeyPair(pem), ISS, AUD, algorithm="ES256")
+
+
+def test_verified_tokens_are_cached_but_expiry_still_holds(
+    tokens: AccessTokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = tokens.issue("user-1", name="ada")
+    first = tokens.verify(token)
+    calls = 0
+    decode = tokens._jwt.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(tokens._jwt, "decode", counting)
+    assert tokens.verify(token) is first  # the cache: no second signature check
+    assert calls == 0
+    assert first.extra["name"] == "ada"
+    with pytest.raises(TypeError):
+        first.extra["name"] = "eve"  # type: ignore[index]  # shared claims are read-only
+    # A changed token string is a miss and gets the full check.
+    refused(tokens, token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
+    assert calls == 1
+    # A cached token past exp + leeway is refused as expired, and forgotten.
+    later = time.time() + 900 + tokens.leeway_s + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    with pytest.raises(TokenExpired):
+        tokens.verify(token)
+    assert token not in tokens._verified
+
+
+def test_token_cache_is_bounded() -> None:
+    small = AccessTokens(SECRET, ISS, AUD, cache_size=3)
+    issued = [small.issue(f"user-{i}") for i in range(5)]
+    for token in issued:
+        small.verify(token)
+    assert list(small._verified) == issued[2:]  # the oldest went first
+    off = AccessTokens(SECRET, ISS, AUD, cache_size=0)
+    off.verify(off.issue("user-1"))
+    assert off._verified == {}

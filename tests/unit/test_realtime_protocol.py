@@ -71,7 +71,7 @@ async def test_memory_broker_history_presence_and_conns() -> None:
     clock = _Clock()
     got: list[tuple[str, int | None, str]] = []
     b = MemoryBroker(clock=clock, history_size=3, history_ttl_s=60, presence_ttl_s=30)
-    await b.start(lambda ch, off, text: got.append((ch, off, text)))
+    await b.start(lambda ch, off, text, at: got.append((ch, off, text)))
     assert await b.publish("c", b"1") == 1  # not subscribed: stored, not delivered
     await b.subscribe("c")
     assert await b.publish("c", b"2") == 2 and got[-1][1] == 2

@@ -562,7 +562,7 @@
 
     function doSubscribe(ch) {
       const since = positions.get(ch);
-      const frame = { op: "sub", ch };
+      const frame = { op: "sub", ch, join_leave: true };
       if (since) frame.since = { epoch: since.epoch, offset: since.offset };
       send(frame, (f) => {
         if (ch !== channel) return;
@@ -623,14 +623,12 @@
           renderTyping();
         }
       } else if (f.op === "join") {
-        state.presence.set(String(f.user), f.name || String(f.user));
+        for (const u of f.users || []) state.presence.set(String(u.user), u.name || String(u.user));
         renderPresence();
       } else if (f.op === "leave") {
-        // Presence is per connection: one of the user's tabs leaving may leave
-        // another behind, so ask for the list rather than dropping the user.
-        state.presence.delete(String(f.user));
+        // A leave means the user's last connection to the room went away.
+        for (const u of f.users || []) state.presence.delete(String(u.user));
         renderPresence();
-        requestPresence(f.ch);
       }
     }
 

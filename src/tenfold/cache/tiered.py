@@ -74,6 +74,7 @@ from typing import Any
 import orjson
 
 from tenfold.cache.base import L2Backend
+from tenfold.cache.copying import Copier, copier_for
 from tenfold.cache.l1 import L1Cache
 from tenfold.errors import CacheError, ConfigError
 from tenfold.observe import metrics
@@ -104,27 +105,47 @@ class _Policy:
 
 @dataclass(slots=True)
 class _Meta:
-    """An envelope decoded once: its times, the value, and the value's own JSON if mutable."""
+    """An envelope decoded once: its times, the value, and how to copy it if mutable."""
 
     fresh: float
     stale: float
     hold: float
     load_s: float
-    value: Any  # returned as is when `copy` is None (immutable)
-    copy: bytes | None  # the value's JSON: decoded for each caller (a private copy)
+    value: Any  # the cache's own object: returned as is when `copier` is None (immutable)
+    size: int  # bytes of the value's JSON (sizes the L1 entry), 0 when immutable
+    copier: Copier | None  # makes each caller's private copy (see copying.py)
     tags: tuple[str, ...]
     early_at: float = math.inf  # before it, early refresh cannot fire (set by _l1_put)
     l1_fresh: float = -math.inf  # min(fresh, the L1 entry's expiry) in `clock` time
 
     def private(self) -> Any:
-        return self.value if self.copy is None else orjson.loads(self.copy)
+        return self.value if self.copier is None else self.copier(self.value)
 
 
 def _meta_of(
-    fresh: float, stale: float, hold: float, load_s: float, value: Any, tags: Any
+    fresh: float,
+    stale: float,
+    hold: float,
+    load_s: float,
+    value: Any,
+    tags: Any,
+    *,
+    decoded_from: bytes | None,
 ) -> _Meta:
-    copy = None if value is None or type(value) in _IMMUTABLE else orjson.dumps(value)
-    return _Meta(fresh, stale, hold, load_s, value, copy, tuple(tags))
+    """The meta of `value`, which was just decoded from the envelope `decoded_from`
+    (the cache owns it), or, when that is None, came from a loader: then a copy
+    is kept, since the loader's caller may mutate its object later."""
+    if value is None or type(value) in _IMMUTABLE:
+        return _Meta(fresh, stale, hold, load_s, value, 0, None, tuple(tags))
+    encoded = None
+    if decoded_from is None:
+        encoded = orjson.dumps(value)
+        value, size = orjson.loads(encoded), len(encoded)
+    else:  # an L2 hit: no second encoding (the hot path of L2 reads)
+        size = len(decoded_from)
+    return _Meta(
+        fresh, stale, hold, load_s, value, size, copier_for(value, encoded), tuple(tags)
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -319,7 +340,7 @@ class TieredCache:
                         self._policy(ttl_s, stale_ttl_s, fail_safe_max_s,
                                      negative_ttl_s, soft_timeout_s, tags),
                     )  # fmt: skip
-                return hot.value if hot.copy is None else orjson.loads(hot.copy)
+                return hot.value if hot.copier is None else hot.copier(hot.value)
         entry = self.l1.entry(full)
         meta: _Meta | None = None
         if entry is not None:
@@ -334,7 +355,7 @@ class TieredCache:
                             self._policy(ttl_s, stale_ttl_s, fail_safe_max_s,
                                          negative_ttl_s, soft_timeout_s, tags),
                         )  # fmt: skip
-                    return meta.value if meta.copy is None else orjson.loads(meta.copy)
+                    return meta.value if meta.copier is None else meta.copier(meta.value)
         policy = self._policy(
             ttl_s, stale_ttl_s, fail_safe_max_s, negative_ttl_s, soft_timeout_s, tags
         )
@@ -735,7 +756,7 @@ class TieredCache:
             hold = fresh + max(policy.stale_ttl_s, policy.fail_safe_max_s)
         try:
             payload = orjson.dumps([fresh, stale, hold, value, policy.tags, load_s])
-            meta = _meta_of(fresh, stale, hold, load_s, value, policy.tags)
+            meta = _meta_of(fresh, stale, hold, load_s, value, policy.tags, decoded_from=None)
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise CacheError(key, f"the value cannot be serialised to JSON ({exc})") from exc
         if len(payload) > self.max_value_bytes:
@@ -760,8 +781,7 @@ class TieredCache:
         now = self.clock()
         ttl_s = min(meta.hold - now, self.l1_max_ttl_s)
         meta.l1_fresh = min(meta.fresh, now + ttl_s)
-        extra = 0 if meta.copy is None else len(meta.copy)
-        self.l1.put(full, payload, ttl_s, meta.tags, meta=meta, meta_bytes=extra)
+        self.l1.put(full, payload, ttl_s, meta.tags, meta=meta, meta_bytes=meta.size)
 
     async def _l2_get(self, full: str) -> bytes | None:
         started = time.perf_counter()
@@ -793,7 +813,7 @@ class TieredCache:
         load_s = float(envelope[5]) if len(envelope) == 6 else 0.0  # 5 fields: written before
         return _meta_of(
             float(envelope[0]), float(envelope[1]), float(envelope[2]), load_s,
-            envelope[3], (t for t in envelope[4] if isinstance(t, str)),
+            envelope[3], (t for t in envelope[4] if isinstance(t, str)), decoded_from=raw,
         )  # fmt: skip
 
     def _decode_entry(self, meta: Any, payload: bytes) -> _Meta | None:

@@ -17,6 +17,7 @@ with `pool_from_url`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import importlib
 import re
 import time
@@ -30,6 +31,7 @@ from tenfold.errors import ConfigError, QueryError
 
 __all__ = [
     "Connection",
+    "Insert",
     "Pool",
     "PoolOptions",
     "PoolStats",
@@ -39,6 +41,21 @@ __all__ = [
 ]
 
 Record = Any  # asyncpg.Record or sqlite3.Row: both index by name and position
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """One row for `Connection.insert_together`.
+
+    `sharded`: the table has a `slot` column that the connection fills in (as
+    `insert` does); False inserts `row` exactly as given.
+    """
+
+    table: str
+    row: Mapping[str, Any]
+    sharded: bool = True
+
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -52,6 +69,7 @@ class PoolOptions:
     connect_timeout_s: float = 3.0
     query_timeout_s: float = 30.0
     statement_cache_size: int = 512
+    reset: str = "transaction"  # "transaction" or "session" (see Settings.pool_reset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +162,21 @@ class Connection(abc.ABC):
         slot = self._slot_for(table)
         sql = insert_sql(table, ("slot", *rows[0]), None, shard=self.shard)
         await self.executemany(sql, [(slot, *r.values()) for r in rows])
+
+    async def insert_together(self, inserts: Sequence[Insert]) -> None:
+        """Insert rows into several tables atomically (a state change and its outbox row).
+
+        On PostgreSQL this is one statement (a data-modifying CTE): one round
+        trip, and no BEGIN/COMMIT when no transaction is open. Elsewhere the
+        inserts run in a transaction (joining the open one, if any).
+        """
+        async with contextlib.nullcontext() if self.in_transaction else self.transaction():
+            for part in inserts:
+                if part.sharded:
+                    await self.insert(part.table, part.row)
+                else:
+                    sql = insert_sql(part.table, tuple(part.row), None, shard=self.shard)
+                    await self.execute(sql, *part.row.values())
 
     def _slot_for(self, table: str) -> int:
         if self.slot is None:

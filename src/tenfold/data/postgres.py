@@ -19,7 +19,15 @@ from contextlib import (
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from tenfold.data.base import Connection, Pool, PoolStats, Record, register_backend
+from tenfold.data.base import (
+    Connection,
+    Insert,
+    Pool,
+    PoolStats,
+    Record,
+    check_identifier,
+    register_backend,
+)
 from tenfold.errors import (
     ConstraintViolation,
     MissingDependency,
@@ -107,6 +115,16 @@ class PostgresConnection(Connection):
     async def execute_script(self, sql: str) -> None:
         await self.execute(sql)
 
+    async def insert_together(self, inserts: Sequence[Insert]) -> None:
+        if not inserts:
+            return
+        args: list[Any] = []
+        for p in inserts:
+            if p.sharded:
+                args.append(self._slot_for(p.table))
+            args.extend(p.row.values())
+        await self.execute(_together_sql(inserts, self.shard), *args)
+
     def transaction(self) -> AbstractAsyncContextManager[None]:
         return self._transaction()
 
@@ -170,6 +188,32 @@ class _Waiter:
         self.task = task
         self.done = False
         self.expired = False
+
+
+_together_cache: dict[tuple[Any, ...], str] = {}
+
+
+def _together_sql(inserts: Sequence[Insert], shard: str) -> str:
+    """One statement inserting every row: `WITH w0 AS (INSERT ...), ... INSERT ...`."""
+    shape = tuple((p.table, tuple(p.row), p.sharded) for p in inserts)
+    sql = _together_cache.get(shape)
+    if sql is None:
+        parts, n = [], 0
+        for table, columns, sharded in shape:
+            cols = ("slot", *columns) if sharded else columns
+            names = ", ".join(check_identifier(c, shard) for c in cols)
+            marks = ", ".join(f"${i}" for i in range(n + 1, n + len(cols) + 1))
+            n += len(cols)
+            parts.append(f"INSERT INTO {check_identifier(table, shard)} ({names}) VALUES ({marks})")
+        ctes = ", ".join(f"w{i} AS ({part})" for i, part in enumerate(parts[:-1]))
+        sql = f"WITH {ctes} {parts[-1]}" if ctes else parts[-1]
+        if len(_together_cache) < 1024:
+            _together_cache[shape] = sql
+    return sql
+
+
+async def _keep_session(conn: Any) -> None:
+    """A pool `reset` that leaves session state alone (see `Settings.pool_reset`)."""
 
 
 class _Acquire:
@@ -267,6 +311,9 @@ class PostgresPool(Pool):
                     max_size=opts.max_size,
                     timeout=opts.connect_timeout_s,
                     statement_cache_size=opts.statement_cache_size,
+                    # asyncpg rolls back an open transaction before `reset` runs;
+                    # `_keep_session` then skips the session reset round trip.
+                    reset=_keep_session if opts.reset == "transaction" else None,
                     # The server bounds every statement: a client-side timer per
                     # call (command_timeout) costs ~5% of a short insert. A call's
                     # own timeout= still adds a client-side bound.

@@ -149,6 +149,7 @@ class ShardedDatabase:
             connect_timeout_s=s.connect_timeout_s,
             query_timeout_s=s.query_timeout_s,
             statement_cache_size=s.statement_cache_size,
+            reset=s.pool_reset,
         )
         self._shards = {
             spec.name: _Shard(spec, self.options, s.replica_retry_s) for spec in s.shard_specs()

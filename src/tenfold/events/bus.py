@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tenfold.data.base import Connection
+from tenfold.data.base import Connection, Insert
 from tenfold.errors import BrokerUnavailable, TenfoldError, TopicError
 from tenfold.events import outbox
 from tenfold.events.base import (
@@ -118,16 +118,40 @@ class EventBus:
         headers: Mapping[str, str] | None = None,
     ) -> str:
         """Write an event to `conn`'s outbox in its open transaction; return the event id."""
-        if tracing.enabled():  # the trace continues in every consumer of this event
-            headers = tracing.inject(dict(headers or {}))
-        event_id = await outbox.emit(conn, self.spec(topic), key, payload, headers)
-        metrics.events_emitted.labels(topic).inc()
+        event_id = await outbox.emit(conn, self.spec(topic), key, payload, _traced(headers))
+        self._written(conn, topic)
+        return event_id
+
+    async def insert_and_emit(
+        self,
+        conn: Connection,
+        table: str,
+        row: Mapping[str, Any],
+        topic: str,
+        key: Key,
+        payload: Any,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Insert `row` into the sharded `table` and its event into the outbox, atomically.
+
+        The common case of a write with one event: on PostgreSQL it is a single
+        statement (one round trip, no BEGIN/COMMIT needed); elsewhere, or inside
+        an open transaction, it joins or opens a transaction. Returns the event id.
+        """
+        event = outbox.outbox_row(self.spec(topic), key, payload, _traced(headers))
+        await conn.insert_together(
+            [Insert(table, row), Insert("tenfold_outbox", event, sharded=False)]
+        )
+        self._written(conn, topic)
+        return str(event["event_id"])
+
+    def _written(self, conn: Connection, topic: str) -> None:
+        metrics.child(metrics.events_emitted, topic).inc()
         relay = self._relay_of.get(conn.shard)
         if relay is not None:
             # Without NOTIFY (SQLite) the local relay would only see the row at
-            # its next poll: wake it when the transaction commits.
+            # its next poll: wake it when the transaction commits (now, outside one).
             conn.after_commit(relay.wake)
-        return event_id
 
     def consumer(
         self,
@@ -193,6 +217,7 @@ class EventBus:
                     self.topics,
                     batch_size=s.relay_batch_size,
                     poll_interval_s=s.relay_poll_interval_s,
+                    linger_s=s.relay_linger_s,
                     lease_s=s.relay_lease_s,
                     retention_s=s.outbox_retention_s,
                 )
@@ -312,3 +337,8 @@ class EventBus:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _traced(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """`headers` plus the current trace context, so the trace continues in every consumer."""
+    return tracing.inject(dict(headers or {})) if tracing.enabled() else headers

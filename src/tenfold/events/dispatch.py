@@ -71,7 +71,7 @@ async def deliver(
                 error,
                 delay,
             )
-            metrics.events_handled.labels(topic, group, "retry").inc()
+            metrics.child(metrics.events_handled, topic, group, "retry").inc()
             return Outcome("retry", delay_s=delay, error=error)
         if policy.gives_up(delivery.attempt):
             log.error(
@@ -82,7 +82,7 @@ async def deliver(
                 delivery.attempt,
                 error,
             )
-            metrics.events_handled.labels(topic, group, "dead_letter").inc()
+            metrics.child(metrics.events_handled, topic, group, "dead_letter").inc()
             return Outcome("dead", error=error)
         delay = policy.backoff_s(delivery.attempt)
         log.warning(
@@ -94,9 +94,9 @@ async def deliver(
             error,
             delay,
         )
-        metrics.events_handled.labels(topic, group, "retry").inc()
+        metrics.child(metrics.events_handled, topic, group, "retry").inc()
         return Outcome("retry", delay_s=delay, error=error)
     finally:
-        metrics.handler_seconds.labels(topic, group).observe(time.perf_counter() - start)
-    metrics.events_handled.labels(topic, group, "ok").inc()
+        metrics.child(metrics.handler_seconds, topic, group).observe(time.perf_counter() - start)
+    metrics.child(metrics.events_handled, topic, group, "ok").inc()
     return ACK

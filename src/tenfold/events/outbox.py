@@ -9,6 +9,7 @@ caller's write instead of being discovered by the relay.
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 import uuid
@@ -22,12 +23,22 @@ from tenfold.errors import EventError, PayloadError
 from tenfold.events.base import Event, TopicSpec
 from tenfold.keyspace import Key, slot_of
 
-__all__ = ["emit", "encode_payload", "event_of_row", "key_text", "new_event_id"]
+__all__ = [
+    "emit",
+    "encode_payload",
+    "event_of_row",
+    "key_text",
+    "new_event_id",
+    "outbox_row",
+]
 
 _INSERT = (
     "INSERT INTO tenfold_outbox (event_id, topic, event_key, slot, payload, headers, created_at) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7)"
 )
+_random = random.Random()  # seeded from os.urandom; re-seeded in forked children (below)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_random.seed)
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token, as NATS wants
 PENDING = (
     "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at "
@@ -37,8 +48,9 @@ PENDING = (
 
 def new_event_id() -> str:
     """A unique, roughly time-ordered id: 48-bit ms time then 80 random bits (like UUIDv7)."""
-    ms = time.time_ns() // 1_000_000
-    return f"{ms:012x}{os.urandom(10).hex()}"
+    # getrandbits, not os.urandom: ids need uniqueness, not secrecy, and a
+    # syscall per event was a visible share of a send-message request.
+    return f"{time.time_ns() // 1_000_000:012x}{_random.getrandbits(80):020x}"
 
 
 def key_text(key: Key) -> str:
@@ -77,7 +89,18 @@ async def emit(
             f"emit to {spec.name} needs an open transaction so the event commits with the "
             "state change: wrap it in `async with conn.transaction():`"
         )
-    slot = slot_of(key)
+    row = outbox_row(spec, key, payload, headers)
+    await conn.execute(_INSERT, *row.values())
+    return str(row["event_id"])
+
+
+def outbox_row(
+    spec: TopicSpec, key: Key, payload: Any, headers: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The outbox row of an event (columns in `_INSERT`'s order), checked and serialised.
+
+    Raises `PayloadError` (unserialisable or too large, or a bad header).
+    """
     body = encode_payload(spec.name, payload)
     for name, value in (headers or {}).items():
         # Checked here, not by the broker: a header NATS refuses would stall the relay.
@@ -97,11 +120,15 @@ async def emit(
             f"{size} bytes exceeds the topic's limit of {spec.max_event_bytes} bytes "
             "(store large blobs elsewhere and send a reference)",
         )
-    event_id = new_event_id()
-    await conn.execute(
-        _INSERT, event_id, spec.name, key_text(key), slot, body, header_text, time.time()
-    )
-    return event_id
+    return {
+        "event_id": new_event_id(),
+        "topic": spec.name,
+        "event_key": key_text(key),
+        "slot": slot_of(key),
+        "payload": body,
+        "headers": header_text,
+        "created_at": time.time(),
+    }
 
 
 def event_of_row(row: Record) -> Event:

@@ -68,6 +68,7 @@ class OutboxRelay:
         *,
         batch_size: int = 256,
         poll_interval_s: float = 0.2,
+        linger_s: float = 0.0,
         lease_s: float = 10.0,
         retention_s: float = 3600.0,
         max_backoff_s: float = 5.0,
@@ -79,6 +80,7 @@ class OutboxRelay:
         self.topics = dict(topics)
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
+        self.linger_s = linger_s
         self.lease_s = lease_s
         self.retention_s = retention_s
         self.max_backoff_s = max_backoff_s
@@ -208,7 +210,7 @@ class OutboxRelay:
                 *padded,
             )
         self.published += len(rows)
-        metrics.outbox_published.labels(shard=self.shard).inc(len(rows))
+        metrics.child(metrics.outbox_published, self.shard).inc(len(rows))
 
     async def prune(self) -> int:
         """Delete published rows older than the retention; return how many."""
@@ -249,6 +251,8 @@ class OutboxRelay:
                     await self.prune()
                 if count < self.batch_size:
                     await self._sleep(self.poll_interval_s)
+                    if count and self.linger_s:  # busy: let a few more rows commit
+                        await asyncio.sleep(self.linger_s)
             except Exception as exc:  # the relay must outlive any one failure
                 failures += 1
                 delay = min(self.max_backoff_s, 0.05 * 2**failures) * (0.5 + random.random() / 2)

@@ -28,7 +28,7 @@ from starlette.responses import Response
 
 from tenfold.errors import TenfoldError
 from tenfold.gateway import problems
-from tenfold.gateway.middleware import TenfoldMiddleware
+from tenfold.gateway.middleware import WS_PATH, TenfoldMiddleware
 from tenfold.gateway.runtime import Runtime
 from tenfold.observe.metrics import REGISTRY
 from tenfold.realtime.endpoint import route as realtime_route
@@ -67,7 +67,7 @@ def install(app: Starlette, runtime: Runtime | None = None) -> Runtime:
     for path, endpoint in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
         app.add_route(path, endpoint, methods=["GET"], include_in_schema=False)
 
-    app.router.routes.append(realtime_route(runtime.realtime, "/ws"))
+    app.router.routes.append(realtime_route(runtime.realtime, WS_PATH))
 
     inner = app.router.lifespan_context
 

@@ -13,9 +13,9 @@ problem response (`tenfold.gateway.problems`); nothing after it runs.
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
@@ -28,6 +28,7 @@ from tenfold.limits import headers as rate_limit_headers
 from tenfold.limits.gcra import Decision
 from tenfold.observe import tracing
 from tenfold.observe.logs import request_id_var
+from tenfold.observe.metrics import child
 
 if TYPE_CHECKING:
     from tenfold.gateway.runtime import Runtime
@@ -46,6 +47,9 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"the request body exceeds {limit} bytes")
 
 
+WS_PATH = "/ws"  # the hub's route (`install` also mounts it on the router)
+
+
 class TenfoldMiddleware:
     """The gateway middleware; `tenfold.gateway.install` adds it.
 
@@ -61,11 +65,14 @@ class TenfoldMiddleware:
         self.max_body = gw.max_body_bytes
         self._ip_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "ip"]
         self._user_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "user"]
-        self._seconds: dict[tuple[str, str], Any] = {}
-        self._counts: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+                # Straight to the hub: a WebSocket lives for hours, and every ASGI
+                # layer it passes through keeps a frame alive for that long.
+                await self.runtime.realtime.serve(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -81,8 +88,7 @@ class TenfoldMiddleware:
                 hdrs = list(message.get("headers", ()))
                 hdrs.append((b"x-request-id", rid.encode()))
                 if decision[0] is not None:
-                    for k, v in rate_limit_headers(decision[0]).items():
-                        hdrs.append((k.lower().encode(), v.encode()))
+                    hdrs.extend(_header_pairs(decision[0]))
                 message = {**message, "headers": hdrs}
             await send(message)
 
@@ -217,7 +223,7 @@ class TenfoldMiddleware:
         refused = None
         for (name, _, _), result in zip(checks, results, strict=True):
             outcome = "allowed" if result.allowed else "denied"
-            metrics.rate_limit_decisions.labels(name, outcome).inc()
+            child(metrics.rate_limit_decisions, name, outcome).inc()
             if not result.allowed and refused is None:
                 refused = name
         return refused
@@ -226,18 +232,12 @@ class TenfoldMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "GET")
-        key = (method, template)
-        hist = self._seconds.get(key)
-        if hist is None:
-            hist = self._seconds[key] = metrics.http_seconds.labels(method, template)
-        hist.observe(seconds)
-        ckey = (method, template, status)
-        counter = self._counts.get(ckey)
-        if counter is None:
-            counter = self._counts[ckey] = metrics.http_requests.labels(
-                method, template, str(status)
-            )
-        counter.inc()
+        child(metrics.http_seconds, method, template).observe(seconds)
+        child(metrics.http_requests, method, template, str(status)).inc()
+
+
+def _header_pairs(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in rate_limit_headers(decision).items()]
 
 
 def _request_id(scope: Scope) -> str:
@@ -247,4 +247,4 @@ def _request_id(scope: Scope) -> str:
             if _GOOD_ID.fullmatch(text):
                 return text
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID

@@ -7,14 +7,28 @@ values are bounded sets (shards, topics, groups, outcomes), never keys or ids.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["REGISTRY", "PlainCounter"]
+__all__ = ["REGISTRY", "PlainCounter", "child"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, remembered: on a per-event path `labels()` (a lock,
+    a tuple and a dict lookup) costs more than the increment itself. Label values
+    are bounded sets by this module's rule, so the memo stays small."""
+    key = (id(metric), values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
+
 
 events_emitted = Counter(
     "tenfold_events_emitted_total", "Events written to an outbox.", ["topic"], registry=REGISTRY

@@ -25,8 +25,9 @@ from typing import Any
 
 __all__ = ["Broker", "Deliver", "Position", "broker_from_url"]
 
-# (channel, offset or None for ephemeral/presence frames, frame text)
-Deliver = Callable[[str, int | None, str], None]
+# (channel, offset or None for ephemeral/presence frames, frame text,
+#  wall-clock time of the publish or 0.0 when unknown, e.g. join/leave frames)
+Deliver = Callable[[str, int | None, str, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ class Broker(abc.ABC):
         self.history_size = history_size
         self.history_ttl_s = history_ttl_s
         self.presence_ttl_s = presence_ttl_s
-        self.deliver: Deliver = lambda ch, offset, text: None
+        self.deliver: Deliver = lambda ch, offset, text, at: None
 
     async def start(self, deliver: Deliver) -> None:
         """Connect; from now on frames for subscribed channels go to `deliver`."""
@@ -94,8 +95,14 @@ class Broker(abc.ABC):
         """Who is in the channel on any node: one entry per user."""
 
     @abc.abstractmethod
+    async def presence_users(self, channel: str, users: list[str]) -> set[str]:
+        """Which of `users` have a presence entry in the channel on any node."""
+
+    @abc.abstractmethod
     async def conn_acquire(self, user: str, conn: str, limit: int) -> bool:
-        """Count `conn` for `user` unless the user already has `limit` connections."""
+        """Count `conn` for `user` unless the user already has `limit` connections.
+
+        O(1) per call in this process, whatever the user's connection count."""
 
     @abc.abstractmethod
     async def conn_release(self, user: str, conn: str) -> None: ...

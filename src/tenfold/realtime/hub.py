@@ -13,6 +13,8 @@ and never waits on a socket, so a slow client cannot slow the others; one
 whose queue overflows is closed with 4009. Actions passed to `authorize`:
 "read" (subscribe, presence), "publish" (stored publish), "ephemeral"
 (a publish that is delivered but not stored, e.g. typing indicators).
+Join/leave frames go only to subscribers that asked for them (`join_leave`),
+once per user, coalesced per channel (`presence.PresenceEvents`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -31,8 +35,10 @@ from typing import Any, Protocol
 import orjson
 
 from tenfold.errors import BrokerUnavailable
+from tenfold.realtime import metrics
 from tenfold.realtime import protocol as p
 from tenfold.realtime.base import Broker
+from tenfold.realtime.presence import PresenceEvents
 
 __all__ = ["Authorize", "Hub", "HubLimits", "PrincipalLike", "default_authorize"]
 
@@ -64,6 +70,7 @@ class HubLimits:
     publish_burst: int = 40
     max_conns_per_user: int = 20
     close_timeout_s: float = 2.0
+    presence_window_s: float = 0.05  # join/leave frames of a channel are coalesced over this
 
 
 class _Closed(Exception):
@@ -113,10 +120,7 @@ class Connection:
         if self.close_code is not None:
             return
         if not force and len(self.queue) >= self.limit:
-            self.queue.clear()
-            self.close(4009, "slow consumer: the send queue overflowed")
-            if self.writer is not None:
-                self.writer.cancel()  # it may be stuck on a full socket
+            self._overflow("slow consumer: the send queue overflowed")
             return
         self.queue.append(text)
         self.wake.set()
@@ -125,14 +129,20 @@ class Connection:
         buffer = self.recovering.get(channel)
         if buffer is not None:
             if len(buffer) >= self.limit:
-                self.queue.clear()
-                self.close(4009, "slow consumer: overflow while recovering")
-                if self.writer is not None:
-                    self.writer.cancel()
+                self._overflow("slow consumer: overflow while recovering")
                 return
             buffer.append((offset, text))
             return
         self.push(text)
+
+    def _overflow(self, reason: str) -> None:
+        """Disconnect a client that cannot keep up: its queued frames are dropped (4009)."""
+        metrics.dropped.inc(len(self.queue) + 1)
+        metrics.slow_consumers.inc()
+        self.queue.clear()
+        self.close(4009, reason)
+        if self.writer is not None:
+            self.writer.cancel()  # it may be stuck on a full socket
 
     def close(self, code: int, reason: str = "") -> None:
         if self.close_code is None:
@@ -170,7 +180,12 @@ class Hub:
         self.authorize: Authorize = authorize or default_authorize
         self.clock = clock
         self.channels: dict[str, set[Connection]] = {}
+        self.watchers: dict[str, set[Connection]] = {}  # subscribers that want join/leave
         self.connections: set[Connection] = set()
+        self.presence = PresenceEvents(broker, self.limits.presence_window_s)
+        # which process a client landed on (in the auth `ok` frame)
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        metrics.track(self)
         self._locks: dict[str, asyncio.Lock] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -215,6 +230,8 @@ class Hub:
             async with asyncio.timeout(self.limits.close_timeout_s + 1):
                 while self.connections:  # noqa: ASYNC110 - serve() removes them
                     await asyncio.sleep(0.02)
+        with contextlib.suppress(Exception):
+            await self.presence.close()  # the last leaves
         for task in (self._heartbeat, self._connecting):
             if task is not None:
                 task.cancel()
@@ -245,11 +262,20 @@ class Hub:
         p.check_channel(channel)
         return await self.broker.publish(channel, orjson.dumps(data), ephemeral=ephemeral)
 
-    def _deliver(self, channel: str, offset: int | None, text: str) -> None:
+    def _deliver(self, channel: str, offset: int | None, text: str, at: float) -> None:
+        if offset is None and p.is_presence_frame(text):
+            subs = self.watchers.get(channel)
+            if subs:
+                for conn in tuple(subs):
+                    conn.deliver(channel, offset, text)
+            return
         subs = self.channels.get(channel)
         if subs:
             for conn in tuple(subs):
                 conn.deliver(channel, offset, text)
+            metrics.delivered.inc(len(subs))
+            if at:
+                metrics.publish_to_send.observe(max(0.0, time.time() - at))
 
     # -- one connection -----------------------------------------------------------
 
@@ -301,10 +327,11 @@ class Hub:
             await _close(send, 1011, "realtime broker unavailable; reconnect later")
             return
         if not admitted:
+            metrics.refusals.labels("connections").inc()
             await _close(send, 4008, "too many connections for this user")
             return
         self.connections.add(conn)
-        ok: dict[str, Any] = {"op": "ok", "user": conn.user, "conn": conn.id}
+        ok: dict[str, Any] = {"op": "ok", "user": conn.user, "conn": conn.id, "node": self.node}
         if ref is not None:
             ok["ref"] = ref
         conn.push(p.frame(ok))
@@ -385,6 +412,7 @@ class Hub:
             if not await self.authorize(conn.principal, ch, action):
                 raise p.BadFrame("forbidden", f"no right to {action} on {ch}", ref)
             if not self._take_token(conn):
+                metrics.refusals.labels("publish_rate").inc()
                 raise p.BadFrame(
                     "rate_limited",
                     f"at most {self.limits.publish_rate:g} publishes per second per connection",
@@ -430,6 +458,7 @@ class Hub:
         if ch in conn.channels:
             raise p.BadFrame("bad_request", f"already subscribed to {ch}", ref)
         if len(conn.channels) >= self.limits.max_channels:
+            metrics.refusals.labels("channels").inc()
             raise p.BadFrame(
                 "limit", f"at most {self.limits.max_channels} channels per connection", ref
             )
@@ -447,6 +476,11 @@ class Hub:
                         del self.channels[ch]
                         raise
                 subs.add(conn)
+                if req.join_leave:
+                    watching = self.watchers.get(ch)
+                    if watching is None:
+                        watching = self.watchers[ch] = set()
+                    watching.add(conn)
             conn.channels.add(ch)
             pos = await self.broker.position(ch)
             ok: dict[str, Any] = {"op": "ok", "ch": ch, "epoch": pos.epoch, "offset": pos.offset}
@@ -464,28 +498,36 @@ class Hub:
                 conn.push(text, force=True)
                 last = max(last, stored)
             await self.broker.presence_add(ch, conn.id, conn.user, conn.name)
-            await self.broker.publish_frame(ch, p.presence_frame("join", ch, conn.user, conn.name))
+            self.presence.joined(ch, conn.user, conn.name)  # nothing can fail after this
         except BaseException:
             conn.recovering.pop(ch, None)
             if ch in conn.channels:
                 with contextlib.suppress(Exception):
-                    await self._leave(conn, ch)
+                    await self._leave(conn, ch, joined=False)
             raise
         for live, text in conn.recovering.pop(ch, ()):
             if live is None or live > last:
                 conn.push(text)
 
-    async def _leave(self, conn: Connection, ch: str) -> None:
+    async def _leave(self, conn: Connection, ch: str, *, joined: bool = True) -> None:
         conn.channels.discard(ch)
-        async with self._lock(ch):
-            subs = self.channels.get(ch)
-            if subs is not None:
-                subs.discard(conn)
-                if not subs:
-                    del self.channels[ch]
-                    await self.broker.unsubscribe(ch)
-        await self.broker.presence_remove(ch, conn.id)
-        await self.broker.publish_frame(ch, p.presence_frame("leave", ch, conn.user, conn.name))
+        watching = self.watchers.get(ch)
+        if watching is not None:
+            watching.discard(conn)
+            if not watching:
+                del self.watchers[ch]
+        try:
+            async with self._lock(ch):
+                subs = self.channels.get(ch)
+                if subs is not None:
+                    subs.discard(conn)
+                    if not subs:
+                        del self.channels[ch]
+                        await self.broker.unsubscribe(ch)
+            await self.broker.presence_remove(ch, conn.id)
+        finally:
+            if joined:
+                self.presence.left(ch, conn.user, conn.name)
 
 
 class _CloseNow(Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from tenfold.realtime.base import Broker, Position
@@ -37,8 +37,8 @@ class MemoryBroker(Broker):
         self._subscribed: set[str] = set()
         # channel -> conn -> (user, name, expires)
         self._presence: dict[str, dict[str, tuple[str, str, float]]] = {}
-        # user -> conn -> expires
-        self._conns: dict[str, dict[str, float]] = {}
+        # user -> conn -> expires, oldest expiry first (renewals move to the end)
+        self._conns: dict[str, OrderedDict[str, float]] = {}
 
     def _channel(self, ch: str) -> _Channel:
         c = self._channels.get(ch)
@@ -54,7 +54,7 @@ class MemoryBroker(Broker):
     async def publish(self, channel: str, data: bytes, *, ephemeral: bool = False) -> int | None:
         if ephemeral:
             if channel in self._subscribed:
-                self.deliver(channel, None, msg_frame(channel, data))
+                self.deliver(channel, None, msg_frame(channel, data), time.time())
             return None
         c = self._channel(channel)
         c.last += 1
@@ -62,12 +62,12 @@ class MemoryBroker(Broker):
         c.entries.append((c.last, self.clock(), text))
         self._trim(c)
         if channel in self._subscribed:
-            self.deliver(channel, c.last, text)
+            self.deliver(channel, c.last, text, time.time())
         return c.last
 
     async def publish_frame(self, channel: str, text: str) -> None:
         if channel in self._subscribed:
-            self.deliver(channel, None, text)
+            self.deliver(channel, None, text, 0.0)
 
     async def subscribe(self, channel: str) -> None:
         self._subscribed.add(channel)
@@ -116,12 +116,22 @@ class MemoryBroker(Broker):
                 seen.setdefault(user, name)
         return [{"user": u, "name": n} for u, n in sorted(seen.items())]
 
+    async def presence_users(self, channel: str, users: list[str]) -> set[str]:
+        now = self.clock()
+        wanted = set(users)
+        members = self._presence.get(channel, {}).values()
+        return {u for u, _, expires in members if expires > now and u in wanted}
+
     async def conn_acquire(self, user: str, conn: str, limit: int) -> bool:
         now = self.clock()
-        conns = self._conns.setdefault(user, {})
-        for c, expires in list(conns.items()):
-            if expires <= now:
-                del conns[c]
+        conns = self._conns.get(user)
+        if conns is None:
+            conns = self._conns[user] = OrderedDict()
+        while conns:  # expired entries are at the front: each is dropped once
+            first = next(iter(conns))
+            if conns[first] > now:
+                break
+            del conns[first]
         if len(conns) >= limit:
             return False
         conns[conn] = now + self.presence_ttl_s
@@ -141,4 +151,8 @@ class MemoryBroker(Broker):
         for channel, conn, user, name in presence:
             self._presence.setdefault(channel, {})[conn] = (user, name, expires)
         for user, conn in conns:
-            self._conns.setdefault(user, {})[conn] = expires
+            mine = self._conns.get(user)
+            if mine is None:
+                mine = self._conns[user] = OrderedDict()
+            mine[conn] = expires
+            mine.move_to_end(conn)

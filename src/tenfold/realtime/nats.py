@@ -25,11 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.js import api
 
 from tenfold.config import redact_url
@@ -176,7 +178,9 @@ class NatsBroker(Broker):
     async def publish(self, channel: str, data: bytes, *, ephemeral: bool = False) -> int | None:
         esc = escape_channel(channel)
         if ephemeral:
-            await self._conn().publish(f"tf.rt.{esc}", msg_frame(channel, data).encode())
+            await self._conn().publish(
+                f"tf.rt.{esc}", msg_frame(channel, data).encode(), headers={"Tf-At": _now()}
+            )
             return None
         subject = f"tf.rth.{esc}"
         prev = self._last.get(channel)
@@ -196,7 +200,7 @@ class NatsBroker(Broker):
                 self._last[channel] = offset
             text = msg_frame(channel, data, self.epoch, offset)
             await self._conn().publish(
-                f"tf.rt.{esc}", text.encode(), headers={"Tf-Offset": str(offset)}
+                f"tf.rt.{esc}", text.encode(), headers={"Tf-Offset": str(offset), "Tf-At": _now()}
             )
             return offset
         raise BrokerUnavailable(self.safe_url, f"realtime: {channel} is too contended to store")
@@ -210,13 +214,16 @@ class NatsBroker(Broker):
 
         async def on_msg(msg: Any) -> None:
             offset: int | None = None
-            if msg.headers:
-                raw = msg.headers.get("Tf-Offset")
+            at = 0.0
+            headers = msg.headers
+            if headers:
+                raw = headers.get("Tf-Offset")
                 if raw is not None:
                     offset = int(raw)
                     if offset > self._last.get(channel, 0):
                         self._last[channel] = offset
-            self.deliver(channel, offset, msg.data.decode())
+                at = float(headers.get("Tf-At", 0.0))
+            self.deliver(channel, offset, msg.data.decode(), at)
 
         self._subs[channel] = await self._conn().subscribe(
             f"tf.rt.{escape_channel(channel)}", cb=on_msg, pending_msgs_limit=65536
@@ -281,6 +288,23 @@ class NatsBroker(Broker):
                 PRESENCE, subject=f"tf.rtp.{escape_channel(channel)}.*.*.{_token(conn)}"
             )
 
+    async def _count(self, pattern: str) -> int:
+        """How many subjects of the presence stream match `pattern`, counted by the server.
+
+        A stream-info request paged past the end: the reply carries the filtered
+        `total` and no subject list, so its size does not grow with the count."""
+        body = orjson.dumps({"subjects_filter": pattern, "offset": 1 << 31})
+        reply = await self._conn().request(
+            f"$JS.API.STREAM.INFO.{PRESENCE}", body, timeout=self.request_timeout_s
+        )
+        info = orjson.loads(reply.data)
+        if "error" in info:
+            raise BrokerUnavailable(self.safe_url, f"realtime presence count: {info['error']}")
+        total = info.get("total")
+        if total is None:  # no subject matched: the reply is not paged
+            return len((info.get("state") or {}).get("subjects") or {})
+        return int(total)
+
     async def _subjects(self, pattern: str) -> dict[str, int]:
         info = await self._jsm().stream_info(PRESENCE, subjects_filter=pattern)
         return dict(info.state.subjects or {})
@@ -292,10 +316,17 @@ class NatsBroker(Broker):
             seen.setdefault(_untoken(parts[3]), _untoken(parts[4]))
         return [{"user": u, "name": n} for u, n in sorted(seen.items())]
 
+    async def presence_users(self, channel: str, users: list[str]) -> set[str]:
+        esc = escape_channel(channel)
+        counts = await asyncio.gather(
+            *(self._count(f"tf.rtp.{esc}.{_token(u)}.*.*") for u in users)
+        )
+        return {u for u, n in zip(users, counts, strict=True) if n}
+
     async def conn_acquire(self, user: str, conn: str, limit: int) -> bool:
         # Claim first, then count: concurrent claims may both be refused, never both admitted.
         await self._jsm().publish(f"tf.rtc.{_token(user)}.{_token(conn)}", b"")
-        count = len(await self._subjects(f"tf.rtc.{_token(user)}.*"))
+        count = await self._count(f"tf.rtc.{_token(user)}.*")
         if count > limit:
             await self.conn_release(user, conn)
             return False
@@ -316,6 +347,10 @@ class NatsBroker(Broker):
         for user, conn in conns:
             await self._conn().publish(f"tf.rtc.{_token(user)}.{_token(conn)}", b"")
         await self._conn().flush(timeout=self.request_timeout_s)
+
+
+def _now() -> str:
+    return repr(time.time())
 
 
 def _epoch(info: Any) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "error_frame",
     "escape_channel",
     "frame",
+    "is_presence_frame",
     "msg_frame",
     "parse",
     "presence_frame",
@@ -58,6 +59,7 @@ class Request:
     data: bytes = b"null"  # the `data` value re-encoded (compact JSON)
     ephemeral: bool = False
     since: tuple[str, int] | None = None
+    join_leave: bool = False  # sub: also receive the channel's join/leave frames
 
 
 def check_channel(ch: object) -> str:
@@ -118,6 +120,10 @@ def parse(raw: str | bytes, max_bytes: int) -> Request:
     except ValueError as exc:
         raise BadFrame("bad_request", str(exc), ref) from None
     if op == "sub":
+        join_leave = obj.get("join_leave", False)
+        if not isinstance(join_leave, bool):
+            raise BadFrame("bad_request", "'join_leave' must be a boolean", ref)
+        req.join_leave = join_leave
         since = obj.get("since")
         if since is not None:
             if (
@@ -171,5 +177,11 @@ def msg_frame(ch: str, data: bytes, epoch: str | None = None, offset: int | None
     ).decode()
 
 
-def presence_frame(op: str, ch: str, user: str, name: str) -> str:
-    return frame({"op": op, "ch": ch, "user": user, "name": name})
+def presence_frame(op: str, ch: str, users: list[tuple[str, str]]) -> str:
+    """A `join` or `leave` frame listing (user, name) pairs."""
+    return frame({"op": op, "ch": ch, "users": [{"user": u, "name": n} for u, n in users]})
+
+
+def is_presence_frame(text: str) -> bool:
+    """Whether a server frame is a `join`/`leave` (only opted-in subscribers get those)."""
+    return text.startswith('{"op":"join"') or text.startswith('{"op":"leave"')

@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final
 
 import jwt
@@ -109,6 +110,12 @@ class AccessTokens:
         leeway_s: clock skew tolerated on `exp`, `nbf` and `iat`.
         key_id: written as the header's `kid` (to pick a key when rotating keys).
         clock: Unix seconds, used for `iat`/`nbf`/`exp` of issued tokens (tests).
+        cache_size: verified tokens remembered (0 turns the cache off). A
+            client sends the same token on every request until it expires, and
+            a full check (two base64 passes, JSON, HMAC or signature, claims)
+            costs more than the rest of a small request; Envoy's jwt_authn
+            keeps such a cache too. A hit is the exact same token string, and
+            its expiry is still checked on every use.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class AccessTokens:
         *,
         key_id: str | None = None,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 4096,
     ) -> None:
         if algorithm not in ALGORITHMS:
             raise ConfigError(
@@ -147,6 +155,8 @@ class AccessTokens:
         self.leeway_s = leeway_s
         self.key_id = key_id
         self._clock = clock
+        self._cache_size = max(0, cache_size)
+        self._verified: dict[str, Claims] = {}
         self._signing: Any
         self._verifying: Any
         if algorithm == "HS256":
@@ -276,6 +286,21 @@ class AccessTokens:
                 bad signature, wrong issuer or audience, missing claims, not
                 yet valid.
         """
+        cached = self._verified.get(token) if isinstance(token, str) else None
+        if cached is not None:
+            if time.time() > cached.expires_at + self.leeway_s:  # PyJWT's clock
+                del self._verified[token]
+                raise TokenExpired("access token expired")
+            return cached
+        claims = self._verify(token)
+        if self._cache_size:
+            if len(self._verified) >= self._cache_size:
+                # Oldest first: dicts keep insertion order, and old tokens expire first.
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = claims
+        return claims
+
+    def _verify(self, token: str) -> Claims:
         if not isinstance(token, str) or not token:
             raise TokenInvalid("missing access token")
         if len(token) > _MAX_TOKEN_CHARS or token.count(".") != 2:
@@ -338,7 +363,7 @@ def _claims(payload: dict[str, Any]) -> Claims:
         expires_at=integer("exp"),
         not_before=integer("nbf") if "nbf" in payload else None,
         token_id=jti if isinstance(jti, str) else None,
-        extra={k: v for k, v in payload.items() if k not in _REGISTERED},
+        extra=MappingProxyType({k: v for k, v in payload.items() if k not in _REGISTERED}),
     )
 
 
