@@ -242,6 +242,7 @@ class Settings(BaseSettings):
     realtime_history_size: int = 100
     realtime_history_ttl_s: float = 300.0
     realtime_presence_ttl_s: float = 30.0
+    realtime_ping_interval_s: float = 20.0
 
     @field_validator("catalog_url")
     @classmethod
@@ -313,6 +314,7 @@ class Settings(BaseSettings):
             "realtime_publish_rate",
             "realtime_history_ttl_s",
             "realtime_presence_ttl_s",
+            "realtime_ping_interval_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(

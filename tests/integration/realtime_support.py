@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import uvicorn
+from starlette.routing import BaseRoute
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -24,6 +25,9 @@ from apps.arena.app import create_app
 from tenfold.config import Settings
 from tests.integration.arena_support import FAST, Arena, User, client_for, migrate
 from tests.integration.support import free_port
+
+WIRE = "tenfold.realtime.wire:HubProtocol"
+ASGI = "websockets-sansio"
 
 
 class WS:
@@ -118,16 +122,23 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served_arena(settings: Settings) -> AsyncIterator[Served]:
-    """arena (FAST settings) behind a real uvicorn on a free port, plus an HTTP client."""
+async def served_arena(
+    settings: Settings, ws: str = WIRE, routes: Sequence[BaseRoute] = ()
+) -> AsyncIterator[Served]:
+    """arena (FAST settings) behind a real uvicorn on a free port, plus an HTTP client.
+
+    `ws`: uvicorn's WebSocket protocol: tenfold's (`WIRE`, what `tenfold up` runs)
+    or `ASGI`, uvicorn's own, which hands /ws to the hub through ASGI. `routes` are
+    added to arena's."""
     app = create_app(settings.model_copy(update=FAST))
+    app.router.routes.extend(routes)
     await migrate(app.state.tenfold)
     port = free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=port,
-        ws="websockets-sansio",
+        ws=ws,
         ws_per_message_deflate=False,
         lifespan="on",
         log_level="warning",

@@ -10,15 +10,25 @@ from typing import Any
 import orjson
 import pytest
 
+from tenfold.realtime.connection import QueuedConnection
+from tenfold.realtime.wire import WireConnection
 from tests.integration.arena_support import User, sqlite_settings
-from tests.integration.realtime_support import Served, served_arena
+from tests.integration.realtime_support import ASGI, WIRE, Served, served_arena
 from tests.integration.support import wait_until
 
 
+@pytest.fixture(params=[WIRE, ASGI], ids=["wire", "asgi"])
+def ws_impl(request: pytest.FixtureRequest) -> str:
+    """Every test runs on tenfold's uvicorn protocol and on the ASGI path."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def srv(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+async def srv(
+    tmp_path: Path, request: pytest.FixtureRequest, ws_impl: str
+) -> AsyncIterator[Served]:
     overrides: dict[str, Any] = getattr(request, "param", {})
-    async with served_arena(sqlite_settings(tmp_path / "rt", **overrides)) as s:
+    async with served_arena(sqlite_settings(tmp_path / "rt", **overrides), ws_impl) as s:
         yield s
 
 
@@ -43,10 +53,12 @@ async def _post(srv: Served, user: User, room: str, body: str) -> None:
 
 
 @pytest.mark.parametrize("srv", [{"realtime_auth_timeout_s": 0.3}], indirect=True)
-async def test_auth_frame_query_token_and_refusals(srv: Served) -> None:
+async def test_auth_frame_query_token_and_refusals(srv: Served, ws_impl: str) -> None:
     alice = await srv.arena.signup("alice")
     async with srv.ws(alice) as ws:
         assert (await ws.request("ping")) == {"op": "pong", "ref": 2}
+        [conn] = srv.runtime.realtime.connections
+        assert type(conn) is (WireConnection if ws_impl == WIRE else QueuedConnection)
     # ?token= on the URL: authenticated at once, the ok frame has no ref
     async with srv.ws(None, additional_headers={}) as _:
         pass

@@ -150,11 +150,13 @@ def serve(target: str, host: str, port: int, workers: int, settings: Settings, s
         "workers": workers,
         "loop": "uvloop",
         "http": "httptools",
-        # /ws: the sans-I/O websockets protocol, no per-message deflate (frames
-        # are small JSON, compression costs CPU and memory per connection); frames
-        # over the hub's bound are refused by the hub itself (close 4000), so the
-        # server only needs to stop absurd ones.
-        "ws": "websockets-sansio",
+        # /ws: tenfold's own protocol serves the hub with no task per idle
+        # connection (realtime/wire.py); other WebSocket routes get uvicorn's
+        # sans-I/O one. No per-message deflate (frames are small JSON,
+        # compression costs CPU and memory per connection); frames over the
+        # hub's bound are refused by the hub itself (close 4000), so the server
+        # only needs to stop absurd ones.
+        "ws": "tenfold.realtime.wire:HubProtocol",
         "ws_per_message_deflate": False,
         "ws_max_size": max(64 * 1024, 4 * settings.realtime_max_frame_bytes),
         "lifespan": "on",

@@ -32,6 +32,7 @@ from tenfold.gateway.middleware import WS_PATH, TenfoldMiddleware
 from tenfold.gateway.runtime import Runtime
 from tenfold.observe.metrics import REGISTRY
 from tenfold.realtime.endpoint import route as realtime_route
+from tenfold.realtime.wire import STATE_KEY
 
 __all__ = ["install", "runtime_of"]
 
@@ -76,7 +77,8 @@ def install(app: Starlette, runtime: Runtime | None = None) -> Runtime:
         await runtime.start()
         try:
             async with inner(a) as state:
-                yield state
+                # tenfold's uvicorn WebSocket protocol finds the hub here (realtime/wire.py)
+                yield {**(state or {}), STATE_KEY: (WS_PATH, runtime.realtime)}
         finally:
             await runtime.stop()
 

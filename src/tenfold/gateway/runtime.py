@@ -129,6 +129,7 @@ class Runtime:
                 publish_rate=s.realtime_publish_rate,
                 publish_burst=s.realtime_publish_burst,
                 max_conns_per_user=s.realtime_max_conns_per_user,
+                ping_interval_s=s.realtime_ping_interval_s,
             ),
         )
         self.started = False

@@ -7,10 +7,13 @@ await hub.serve(websocket)                 # one per connection (the /ws endpoin
 await hub.publish("room:42", {"body": "hi"})
 await hub.stop()                           # clients are closed with 1001
 
-Every connection has a bounded send queue drained by its own writer task:
-fan-out appends one shared, already-encoded frame to each subscriber's queue
-and never waits on a socket, so a slow client cannot slow the others; one
-whose queue overflows is closed with 4009. Actions passed to `authorize`:
+Two ways in: `serve` runs one connection of any ASGI server (a task reading,
+a writer task draining a bounded queue), and `wire.HubProtocol`, tenfold's
+uvicorn WebSocket protocol, runs `/ws` connections with no task at all while
+they idle (see connection.py and wire.py). Either way fan-out hands one shared,
+already-encoded frame to each subscriber and never waits on a socket, so a
+slow client cannot slow the others; one with more than `send_queue` frames
+waiting is closed with 4009. Actions passed to `authorize`:
 "read" (subscribe, presence), "publish" (stored publish), "ephemeral"
 (a publish that is delivered but not stored, e.g. typing indicators).
 Join/leave frames go only to subscribers that asked for them (`join_leave`),
@@ -24,13 +27,12 @@ import contextlib
 import logging
 import os
 import random
-import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -38,9 +40,10 @@ from tenfold.errors import BrokerUnavailable
 from tenfold.realtime import metrics
 from tenfold.realtime import protocol as p
 from tenfold.realtime.base import Broker
+from tenfold.realtime.connection import Connection, QueuedConnection
 from tenfold.realtime.presence import PresenceEvents
 
-__all__ = ["Authorize", "Hub", "HubLimits", "PrincipalLike", "default_authorize"]
+__all__ = ["Authorize", "CloseNow", "Hub", "HubLimits", "PrincipalLike", "default_authorize"]
 
 log = logging.getLogger("tenfold.realtime")
 
@@ -71,95 +74,8 @@ class HubLimits:
     max_conns_per_user: int = 20
     close_timeout_s: float = 2.0
     presence_window_s: float = 0.05  # join/leave frames of a channel are coalesced over this
-
-
-class _Closed(Exception):
-    pass
-
-
-class Connection:
-    """One client socket: its identity, channels and bounded send queue."""
-
-    __slots__ = (
-        "channels",
-        "close_code",
-        "close_reason",
-        "id",
-        "limit",
-        "name",
-        "principal",
-        "queue",
-        "recovering",
-        "send",
-        "tokens",
-        "tokens_at",
-        "user",
-        "wake",
-        "writer",
-    )
-
-    def __init__(self, send: Callable[[Any], Awaitable[None]], limit: int) -> None:
-        self.id = secrets.token_hex(8)
-        self.send = send
-        self.limit = limit
-        self.queue: deque[str] = deque()
-        self.wake = asyncio.Event()
-        self.channels: set[str] = set()
-        self.recovering: dict[str, list[tuple[int | None, str]]] = {}
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.principal: Any = None
-        self.user = ""
-        self.name = ""
-        self.tokens = 0.0
-        self.tokens_at = 0.0
-        self.writer: asyncio.Task[None] | None = None
-
-    def push(self, text: str, *, force: bool = False) -> None:
-        """Queue a frame; a full queue closes the connection with 4009."""
-        if self.close_code is not None:
-            return
-        if not force and len(self.queue) >= self.limit:
-            self._overflow("slow consumer: the send queue overflowed")
-            return
-        self.queue.append(text)
-        self.wake.set()
-
-    def deliver(self, channel: str, offset: int | None, text: str) -> None:
-        buffer = self.recovering.get(channel)
-        if buffer is not None:
-            if len(buffer) >= self.limit:
-                self._overflow("slow consumer: overflow while recovering")
-                return
-            buffer.append((offset, text))
-            return
-        self.push(text)
-
-    def _overflow(self, reason: str) -> None:
-        """Disconnect a client that cannot keep up: its queued frames are dropped (4009)."""
-        metrics.dropped.inc(len(self.queue) + 1)
-        metrics.slow_consumers.inc()
-        self.queue.clear()
-        self.close(4009, reason)
-        if self.writer is not None:
-            self.writer.cancel()  # it may be stuck on a full socket
-
-    def close(self, code: int, reason: str = "") -> None:
-        if self.close_code is None:
-            self.close_code = code
-            self.close_reason = reason
-            self.wake.set()
-
-    async def write_loop(self) -> None:
-        send = self.send
-        queue = self.queue
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while queue:
-                await send({"type": "websocket.send", "text": queue.popleft()})
-            if self.close_code is not None:
-                return
+    # WebSocket pings from the hub itself (tenfold's uvicorn protocol; other servers ping)
+    ping_interval_s: float = 20.0
 
 
 class Hub:
@@ -188,6 +104,7 @@ class Hub:
         metrics.track(self)
         self._locks: dict[str, asyncio.Lock] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
         self.started = False
         self.stopping = False
@@ -206,6 +123,7 @@ class Hub:
             log.warning("realtime starting without its broker, will retry: %s", exc)
             self._connecting = asyncio.create_task(self._connect_loop(), name="realtime:connect")
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="realtime:heartbeat")
+        self._pinger = asyncio.create_task(self._ping_loop(), name="realtime:ping")
 
     async def _connect_loop(self) -> None:
         failures = 0
@@ -232,7 +150,7 @@ class Hub:
                     await asyncio.sleep(0.02)
         with contextlib.suppress(Exception):
             await self.presence.close()  # the last leaves
-        for task in (self._heartbeat, self._connecting):
+        for task in (self._heartbeat, self._pinger, self._connecting):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -240,6 +158,15 @@ class Hub:
         self._connecting = None
         self.started = False
         await self.broker.close()
+
+    async def _ping_loop(self) -> None:
+        """One timer for every connection (not one per socket): see `Connection.keepalive`."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.limits.ping_interval_s)
+            now = loop.time()
+            for conn in tuple(self.connections):
+                conn.keepalive(now)
 
     async def _heartbeat_loop(self) -> None:
         every = max(0.05, self.broker.presence_ttl_s / 3)
@@ -279,42 +206,23 @@ class Hub:
 
     # -- one connection -----------------------------------------------------------
 
-    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
-        """Run one WebSocket connection (an ASGI websocket scope) to its end."""
-        msg = await receive()
-        if msg["type"] != "websocket.connect":
-            return
-        if self.stopping:
-            await send({"type": "websocket.close", "code": 1001})
-            return
-        await send({"type": "websocket.accept"})
-        conn = Connection(send, self.limits.send_queue)
-        ref: int | None = None
-        token = _query_token(scope)
+    def auth_frame(self, text: str | bytes) -> tuple[str, int | None]:
+        """The token and ref of a connection's first frame, which must be `auth`."""
         try:
-            if token is None:
-                try:
-                    async with asyncio.timeout(self.limits.auth_timeout_s):
-                        msg = await receive()
-                except TimeoutError:
-                    raise _CloseNow(4001, "no auth frame within the timeout") from None
-                if msg["type"] == "websocket.disconnect":
-                    return
-                try:
-                    req = p.parse(_text(msg), self.limits.max_frame_bytes)
-                except p.Malformed as exc:
-                    raise _CloseNow(4000, str(exc)) from None
-                except p.BadFrame as exc:
-                    raise _CloseNow(4001, f"the first frame must be auth: {exc.message}") from None
-                if req.op != "auth":
-                    raise _CloseNow(4001, 'the first frame must be {"op":"auth",...}')
-                token, ref = req.token, req.ref
-            principal = self.authenticate(token)
-            if principal is None:
-                raise _CloseNow(4001, "invalid or expired access token")
-        except _CloseNow as exc:
-            await _close(send, exc.code, exc.reason)
-            return
+            req = p.parse(text, self.limits.max_frame_bytes)
+        except p.Malformed as exc:
+            raise CloseNow(4000, str(exc)) from None
+        except p.BadFrame as exc:
+            raise CloseNow(4001, f"the first frame must be auth: {exc.message}") from None
+        if req.op != "auth":
+            raise CloseNow(4001, 'the first frame must be {"op":"auth",...}')
+        return req.token, req.ref
+
+    async def admit(self, conn: Connection, token: str, ref: int | None) -> None:
+        """Authenticate `conn`, count it against its user's limit, send the `ok` frame."""
+        principal = self.authenticate(token)
+        if principal is None:
+            raise CloseNow(4001, "invalid or expired access token")
         conn.principal = principal
         conn.user = str(principal.subject)
         conn.name = str(principal.claims.get("name", "") or conn.user)
@@ -324,12 +232,10 @@ class Hub:
             )
         except Exception as exc:  # the broker is down: try again later / elsewhere
             log.warning("realtime: cannot count connections: %r", exc)
-            await _close(send, 1011, "realtime broker unavailable; reconnect later")
-            return
+            raise CloseNow(1011, "realtime broker unavailable; reconnect later") from None
         if not admitted:
             metrics.refusals.labels("connections").inc()
-            await _close(send, 4008, "too many connections for this user")
-            return
+            raise CloseNow(4008, "too many connections for this user")
         self.connections.add(conn)
         ok: dict[str, Any] = {"op": "ok", "user": conn.user, "conn": conn.id, "node": self.node}
         if ref is not None:
@@ -337,6 +243,33 @@ class Hub:
         conn.push(p.frame(ok))
         conn.tokens = float(self.limits.publish_burst)
         conn.tokens_at = self.clock()
+
+    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
+        """Run one WebSocket connection (an ASGI websocket scope) to its end."""
+        msg = await receive()
+        if msg["type"] != "websocket.connect":
+            return
+        if self.stopping:
+            await send({"type": "websocket.close", "code": 1001})
+            return
+        await send({"type": "websocket.accept"})
+        conn = QueuedConnection(send, self.limits.send_queue)
+        ref: int | None = None
+        token = query_token(scope.get("query_string", b""))
+        try:
+            if token is None:
+                try:
+                    async with asyncio.timeout(self.limits.auth_timeout_s):
+                        msg = await receive()
+                except TimeoutError:
+                    raise CloseNow(4001, "no auth frame within the timeout") from None
+                if msg["type"] == "websocket.disconnect":
+                    return
+                token, ref = self.auth_frame(_text(msg))
+            await self.admit(conn, token, ref)
+        except CloseNow as exc:
+            await _close(send, exc.code, exc.reason)
+            return
         writer = conn.writer = asyncio.create_task(conn.write_loop())
         reader = asyncio.create_task(self._read_loop(conn, receive))
         try:
@@ -351,19 +284,24 @@ class Hub:
             if not reader.done():
                 reader.cancel()
             if conn.close_code is not None:
-                # A slow consumer's socket is full: give it longer to take the close frame.
-                wait = self.limits.close_timeout_s * (5 if conn.close_code == 4009 else 1)
                 with contextlib.suppress(Exception):
-                    async with asyncio.timeout(wait):
+                    async with asyncio.timeout(self.close_wait(conn.close_code)):
                         await _close(send, conn.close_code, conn.close_reason)
         finally:
             for task in (writer, reader):
                 if not task.done():
                     task.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
-            await self._cleanup(conn)
+            await self.cleanup(conn)
 
-    async def _cleanup(self, conn: Connection) -> None:
+    def close_wait(self, code: int) -> float:
+        """How long a close frame may take to leave: a slow consumer's socket is full."""
+        return self.limits.close_timeout_s * (5 if code == 4009 else 1)
+
+    async def cleanup(self, conn: Connection) -> None:
+        """Forget a connection that has ended: its channels, presence and user slot."""
+        if conn not in self.connections:
+            return  # never admitted, or already cleaned up
         self.connections.discard(conn)
         conn.close_code = conn.close_code or 1000
         for ch in list(conn.channels):
@@ -373,28 +311,31 @@ class Hub:
             await self.broker.conn_release(conn.user, conn.id)
 
     async def _read_loop(self, conn: Connection, receive: Any) -> None:
-        max_bytes = self.limits.max_frame_bytes
         while conn.close_code is None:
             msg = await receive()
             if msg["type"] == "websocket.disconnect":
                 return
-            try:
-                req = p.parse(_text(msg), max_bytes)
-            except p.Malformed as exc:
-                conn.close(4000, str(exc)[:120])
-                return
-            except p.BadFrame as exc:
-                conn.push(p.error_frame(exc.code, exc.message, exc.ref))
-                continue
-            try:
-                await self._handle(conn, req)
-            except p.BadFrame as exc:
-                conn.push(p.error_frame(exc.code, exc.message, exc.ref))
-            except Exception as exc:  # a failing broker or check answers, never crashes
-                log.exception("realtime: %s on %s failed", req.op, req.ch)
-                conn.push(
-                    p.error_frame("unavailable", f"{req.op} failed: {type(exc).__name__}", req.ref)
-                )
+            await self.request(conn, _text(msg))
+
+    async def request(self, conn: Connection, text: str | bytes) -> None:
+        """Answer one frame of an admitted connection; a malformed one closes it (4000)."""
+        try:
+            req = p.parse(text, self.limits.max_frame_bytes)
+        except p.Malformed as exc:
+            conn.close(4000, str(exc)[:120])
+            return
+        except p.BadFrame as exc:
+            conn.push(p.error_frame(exc.code, exc.message, exc.ref))
+            return
+        try:
+            await self._handle(conn, req)
+        except p.BadFrame as exc:
+            conn.push(p.error_frame(exc.code, exc.message, exc.ref))
+        except Exception as exc:  # a failing broker or check answers, never crashes
+            log.exception("realtime: %s on %s failed", req.op, req.ch)
+            conn.push(
+                p.error_frame("unavailable", f"{req.op} failed: {type(exc).__name__}", req.ref)
+            )
 
     async def _handle(self, conn: Connection, req: p.Request) -> None:
         op, ref, ch = req.op, req.ref, req.ch
@@ -464,7 +405,7 @@ class Hub:
             )
         if not await self.authorize(conn.principal, ch, "read"):
             raise p.BadFrame("forbidden", f"no right to read {ch}", ref)
-        conn.recovering[ch] = []
+        conn.hold(ch)
         try:
             async with self._lock(ch):
                 subs = self.channels.get(ch)
@@ -500,12 +441,12 @@ class Hub:
             await self.broker.presence_add(ch, conn.id, conn.user, conn.name)
             self.presence.joined(ch, conn.user, conn.name)  # nothing can fail after this
         except BaseException:
-            conn.recovering.pop(ch, None)
+            conn.release(ch)
             if ch in conn.channels:
                 with contextlib.suppress(Exception):
                     await self._leave(conn, ch, joined=False)
             raise
-        for live, text in conn.recovering.pop(ch, ()):
+        for live, text in conn.release(ch):
             if live is None or live > last:
                 conn.push(text)
 
@@ -530,7 +471,9 @@ class Hub:
                 self.presence.left(ch, conn.user, conn.name)
 
 
-class _CloseNow(Exception):
+class CloseNow(Exception):
+    """End a connection with this close code (raised while it is being set up)."""
+
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
@@ -549,10 +492,8 @@ def _text(msg: dict[str, Any]) -> str | bytes:
     return bytes(data) if data is not None else b""
 
 
-def _query_token(scope: Any) -> str | None:
-    from urllib.parse import parse_qs
-
-    qs = scope.get("query_string", b"")
+def query_token(qs: bytes) -> str | None:
+    """The `token` query parameter of a WebSocket URL, if any."""
     if not qs:
         return None
     values = parse_qs(qs.decode("latin-1")).get("token")
