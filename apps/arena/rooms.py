@@ -12,11 +12,11 @@ import secrets
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from apps.arena import topics
 from apps.arena.schemas import (
-    IdemKey,
     MessageIn,
     MessageOut,
     MessagePage,
@@ -27,7 +27,9 @@ from apps.arena.schemas import (
 from tenfold.data.base import Connection
 from tenfold.events import EventBus
 from tenfold.events.base import Event
-from tenfold.gateway import CurrentUser, Principal, Problem, RuntimeDep
+from tenfold.gateway import CurrentUser, Principal, Problem, RuntimeDep, runtime_of, user_of
+from tenfold.gateway.idempotency import idempotency_key as idempotency_key_of
+from tenfold.gateway.idempotency import idempotency_openapi
 from tenfold.gateway.runtime import Runtime
 
 router = APIRouter(prefix="/rooms", tags=["rooms"])
@@ -160,15 +162,21 @@ async def leave(room_id: str, user: CurrentUser, rt: RuntimeDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{room_id}/messages", status_code=201, response_model=MessageOut)
+@router.post(
+    "/{room_id}/messages",
+    status_code=201,
+    response_model=MessageOut,
+    openapi_extra=idempotency_openapi(),
+)
 async def send_message(
-    room_id: str,
-    body: MessageIn,
-    user: CurrentUser,
-    rt: RuntimeDep,
-    response: Response,
-    idempotency_key: Annotated[IdemKey | None, Header()] = None,
-) -> MessageOut:
+    room_id: str, body: MessageIn, request: Request
+) -> MessageOut | JSONResponse:
+    # `request` rather than CurrentUser / RuntimeDep / Header() / Response
+    # parameters: this is arena's hottest route, and each of those costs
+    # FastAPI's dependency machinery on every call (docs/load-testing.md).
+    user = user_of(request)
+    rt = runtime_of(request)
+    idempotency_key = idempotency_key_of(request)
     rid = _room_id(room_id)
     await _require_member(rt, rid, user)
     author_id = int(user.subject)
@@ -213,14 +221,15 @@ async def send_message(
                             "this Idempotency-Key was used for a different message",
                             slug="idempotency-key-reused",
                         )
-                    response.status_code = 200  # a replay: the original, not a new message
-                    return MessageOut(
+                    original = MessageOut(
                         id=str(replay["id"]),
                         room_id=str(rid),
                         author=author,
                         body=replay["body"],
                         created_at=replay["created_at"],
                     )
+                    # a replay: the original, with 200 rather than 201
+                    return JSONResponse(original.model_dump(), status_code=200)
                 await rt.bus.insert_and_emit(
                     conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
                 )

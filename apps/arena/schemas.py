@@ -23,7 +23,6 @@ RoomName = Annotated[
     ),
 ]
 Body = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
-IdemKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
 Amount = Annotated[StrictInt, Field(gt=0, le=1_000_000_000)]
 
 

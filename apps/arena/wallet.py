@@ -18,16 +18,17 @@ amounts in flight never changes.
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Request
 
 from apps.arena import topics
-from apps.arena.schemas import IdemKey, TransferIn, TransferOut, WalletOut
+from apps.arena.schemas import TransferIn, TransferOut, WalletOut
 from tenfold.data.base import Connection, Record
 from tenfold.events import EventBus
 from tenfold.events.base import Event
 from tenfold.gateway import CurrentUser, Problem, RuntimeDep
+from tenfold.gateway.idempotency import idempotency_key as idempotency_key_of
+from tenfold.gateway.idempotency import idempotency_openapi
 
 router = APIRouter(prefix="/wallet", tags=["wallet"])
 
@@ -42,13 +43,16 @@ async def balance(user: CurrentUser, rt: RuntimeDep) -> WalletOut:
     return WalletOut(user_id=str(user_id), balance=int(value))
 
 
-@router.post("/transfers", status_code=202, response_model=TransferOut)
+@router.post(
+    "/transfers",
+    status_code=202,
+    response_model=TransferOut,
+    openapi_extra=idempotency_openapi(required=True),
+)
 async def transfer(
-    body: TransferIn,
-    user: CurrentUser,
-    rt: RuntimeDep,
-    idempotency_key: Annotated[IdemKey, Header()],
+    body: TransferIn, user: CurrentUser, rt: RuntimeDep, request: Request
 ) -> TransferOut:
+    idempotency_key = idempotency_key_of(request, required=True)
     sender_id = int(user.subject)
     sender = str(user.claims.get("name", ""))
     if body.to == sender:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tenfold.gateway.idempotency import KEY_PATTERN
 from tests.integration.arena_support import (
     Arena,
     assert_problem,
@@ -399,3 +400,13 @@ async def test_arena_answers_under_a_second(arena: Arena) -> None:
     started = time.monotonic()
     await arena.signup("speedy")
     assert time.monotonic() - started < 1.0
+
+
+async def test_openapi_documents_the_idempotency_key_header(arena: Arena) -> None:
+    schema = (await arena.client.get("/openapi.json")).json()
+    send = schema["paths"]["/rooms/{room_id}/messages"]["post"]["parameters"]
+    transfer = schema["paths"]["/wallet/transfers"]["post"]["parameters"]
+    for params, required in ((send, False), (transfer, True)):
+        [header] = [p for p in params if p["in"] == "header"]
+        assert header["name"] == "Idempotency-Key" and header["required"] is required
+        assert header["schema"]["pattern"] == KEY_PATTERN

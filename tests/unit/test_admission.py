@@ -173,7 +173,8 @@ async def test_saturated_limit_sheds_anonymous_first_and_admits_critical() -> No
     release.set()
     await asyncio.gather(*held)
     assert controller.in_flight == 0
-    assert metrics.admission_in_flight._value.get() == 0
+    [sample] = metrics.admission_in_flight.collect()[0].samples
+    assert sample.value == 0
 
 
 async def test_exit_records_latency_and_drops_and_always_releases() -> None:

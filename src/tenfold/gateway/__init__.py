@@ -7,7 +7,7 @@ runtime = tenfold.gateway.install(app)     # also `tenfold.install(app)`
 async def me(user: CurrentUser) -> dict: return {"id": user.subject}
 """
 
-from tenfold.gateway.deps import CurrentUser, RuntimeDep, current_user, rate_limit
+from tenfold.gateway.deps import CurrentUser, RuntimeDep, current_user, rate_limit, user_of
 from tenfold.gateway.install import install, runtime_of
 from tenfold.gateway.problems import Problem, problem_response
 from tenfold.gateway.runtime import Principal, Runtime
@@ -23,4 +23,5 @@ __all__ = [
     "problem_response",
     "rate_limit",
     "runtime_of",
+    "user_of",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
@@ -65,6 +66,10 @@ class TenfoldMiddleware:
         self.max_body = gw.max_body_bytes
         self._ip_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "ip"]
         self._user_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "user"]
+        self.in_flight = 0
+        # read when scraped rather than written twice per request
+        me = weakref.ref(self)
+        metrics.http_in_flight.set_function(lambda: float(getattr(me(), "in_flight", 0)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,14 +97,14 @@ class TenfoldMiddleware:
                 message = {**message, "headers": hdrs}
             await send(message)
 
-        metrics.http_in_flight.inc()
+        self.in_flight += 1
         try:
             if tracing.enabled():
                 await self._traced(scope, receive, send_wrapped, rid, decision, status_box)
             else:
                 await self._handle(scope, receive, send_wrapped, rid, decision)
         finally:
-            metrics.http_in_flight.dec()
+            self.in_flight -= 1
             request_id_var.reset(token)
             self._observe(scope, status_box[0], time.perf_counter() - started)
 

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
@@ -229,10 +231,15 @@ class AdmissionController:
         self.retry_after_s = retry_after_s
         self._clock = clock or time.monotonic
         self._in_flight = 0
+        # A heap, best first; entries whose future is done (timed out, cancelled)
+        # are dropped when they reach the top.
         self._waiters: list[tuple[int, int, str, asyncio.Future[None]]] = []
+        self._queued = 0  # live waiters
         self._seq = itertools.count()
-        metrics.admission_in_flight.set(0)
-        metrics.admission_limit.set(limit_algorithm.limit)
+        # Read when scraped, not written per request (the newest controller reports).
+        me = weakref.ref(self)
+        metrics.admission_in_flight.set_function(lambda: _read(me, "in_flight"))
+        metrics.admission_limit.set_function(lambda: _read(me, "limit"))
 
     @property
     def in_flight(self) -> int:
@@ -253,7 +260,12 @@ class AdmissionController:
 
     def _take(self) -> None:
         self._in_flight += 1
-        metrics.admission_in_flight.set(self._in_flight)
+
+    def _head(self) -> tuple[int, int, str, asyncio.Future[None]] | None:
+        waiters = self._waiters
+        while waiters and waiters[0][3].done():
+            heapq.heappop(waiters)
+        return waiters[0] if waiters else None
 
     async def _acquire(self, priority: str) -> None:
         if priority not in self._shares:
@@ -261,44 +273,47 @@ class AdmissionController:
                 "admission: priority", f"unknown class {priority!r}; known: {sorted(self._shares)}"
             )
         rank = self._rank[priority]
-        ahead = any(waiter[0] <= rank for waiter in self._waiters)  # no barging past them
+        head = self._head() if self._queued else None
+        ahead = head is not None and head[0] <= rank  # no barging past them
         if not ahead and self._in_flight < self._allowed(priority):
             self._take()
             return
-        if len(self._waiters) >= self.max_queue:
+        if self._queued >= self.max_queue:
             raise self._shed(priority)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (rank, next(self._seq), priority, future)
-        self._waiters.append(entry)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        heapq.heappush(self._waiters, (rank, next(self._seq), priority, future))
+        self._queued += 1
+        # One timer handle, not asyncio.timeout: whichever of it and `_wake` acts
+        # first settles the future, so a slot is never granted to a shed waiter.
+        timer = loop.call_later(self.max_wait_s, _expire, future)
         try:
-            async with asyncio.timeout(self.max_wait_s):
-                await future  # _wake takes the slot for us before resolving it
+            await future  # _wake takes the slot for us before resolving it
         except TimeoutError:
-            if _granted(future):
-                return  # the slot was handed over just as the wait ran out: keep it
             raise self._shed(priority) from None
         except asyncio.CancelledError:
             if _granted(future):
                 self._release()  # handed a slot, but the caller left: give it back
             raise
         finally:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
+            timer.cancel()
+            self._queued -= 1
 
     def _wake(self) -> None:
-        # Hand freed slots to the best waiters whose share still allows them.
-        for entry in sorted(self._waiters):
-            _, _, priority, future = entry
-            if future.done() or self._in_flight >= self._allowed(priority):
-                continue
-            self._waiters.remove(entry)
+        # Hand freed slots to the best waiters; a larger share ranks first, so once
+        # the best one's share is full, every later one's is too.
+        while self._queued:
+            head = self._head()
+            if head is None or self._in_flight >= self._allowed(head[2]):
+                return
+            heapq.heappop(self._waiters)
             self._take()
-            future.set_result(None)
+            head[3].set_result(None)
 
     def _release(self) -> None:
         self._in_flight -= 1
-        metrics.admission_in_flight.set(self._in_flight)
-        self._wake()
+        if self._queued:
+            self._wake()
 
     @contextlib.asynccontextmanager
     async def admit(self, priority: str) -> AsyncIterator[None]:
@@ -327,8 +342,19 @@ class AdmissionController:
         finally:
             if record:
                 self._algorithm.on_sample(self._clock() - start, in_flight, dropped=dropped)
-                metrics.admission_limit.set(self._algorithm.limit)
             self._release()
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def _read(ref: weakref.ref[AdmissionController], what: str) -> float:
+    controller = ref()
+    if controller is None:
+        return 0.0
+    return float(controller.in_flight if what == "in_flight" else controller.limit)
 
 
 def _granted(future: asyncio.Future[None]) -> bool:
