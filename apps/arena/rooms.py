@@ -99,69 +99,7 @@ async def _add_member(rt: Runtime, conn: Connection, room: dict[str, Any], user:
     return bool(added)
 
 
-@router.post("", status_code=201, response_model=RoomOut)
-async def create_room(body: RoomIn, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
-    room_id = rt.db.new_id(secrets.token_hex(8))  # a random slot: rooms spread over shards
-    room = {"id": room_id, "name": body.name}
-    async with rt.db.shard_for_id(room_id) as conn, conn.transaction():
-        await conn.insert(
-            "arena_rooms",
-            {
-                "id": room_id,
-                "name": body.name,
-                "owner_id": int(user.subject),
-                "created_at": time.time(),
-            },
-        )
-        await _add_member(rt, conn, room, user)
-    await rt.cache.invalidate(f"arena:member:{room_id}:{user.subject}")
-    return RoomOut(id=str(room_id), name=body.name, owner_id=user.subject)
-
-
-@router.get("/mine", response_model=RoomList)
-async def my_rooms(user: CurrentUser, rt: RuntimeDep) -> RoomList:
-    async with rt.db.shard_for_id(int(user.subject)) as conn:
-        rows = await conn.fetch(
-            "SELECT room_id, name FROM arena_my_rooms WHERE user_id = $1 "
-            "ORDER BY joined_at LIMIT 500",
-            int(user.subject),
-        )
-    return RoomList(
-        items=[RoomOut(id=str(r["room_id"]), name=r["name"], owner_id="") for r in rows]
-    )
-
-
-@router.post("/{room_id}/join", response_model=RoomOut)
-async def join(room_id: str, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
-    rid = _room_id(room_id)
-    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
-        row = await conn.fetchrow("SELECT name, owner_id FROM arena_rooms WHERE id = $1", rid)
-        if row is None:
-            raise Problem(404, f"no room {rid}", slug="no-such-room")
-        await _add_member(rt, conn, {"id": rid, "name": row["name"]}, user)
-    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
-    return RoomOut(id=str(rid), name=row["name"], owner_id=str(row["owner_id"]))
-
-
-@router.post("/{room_id}/leave", status_code=204)
-async def leave(room_id: str, user: CurrentUser, rt: RuntimeDep) -> Response:
-    rid = _room_id(room_id)
-    await _require_member(rt, rid, user)
-    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
-        removed = await conn.execute(
-            "DELETE FROM arena_members WHERE room_id = $1 AND user_id = $2", rid, int(user.subject)
-        )
-        if removed:
-            await rt.bus.emit(
-                conn,
-                topics.MEMBERSHIP,
-                user.claims.get("name", user.subject),
-                {"op": "leave", "user_id": int(user.subject), "room_id": rid},
-            )
-    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
-    return Response(status_code=204)
-
-
+# Messages first: routes are matched in order, and these are the busiest.
 @router.post(
     "/{room_id}/messages",
     status_code=201,
@@ -270,6 +208,69 @@ async def list_messages(
     ]
     next_cursor = items[-1].id if len(items) == limit else None
     return MessagePage(items=items, next_cursor=next_cursor)
+
+
+@router.post("", status_code=201, response_model=RoomOut)
+async def create_room(body: RoomIn, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
+    room_id = rt.db.new_id(secrets.token_hex(8))  # a random slot: rooms spread over shards
+    room = {"id": room_id, "name": body.name}
+    async with rt.db.shard_for_id(room_id) as conn, conn.transaction():
+        await conn.insert(
+            "arena_rooms",
+            {
+                "id": room_id,
+                "name": body.name,
+                "owner_id": int(user.subject),
+                "created_at": time.time(),
+            },
+        )
+        await _add_member(rt, conn, room, user)
+    await rt.cache.invalidate(f"arena:member:{room_id}:{user.subject}")
+    return RoomOut(id=str(room_id), name=body.name, owner_id=user.subject)
+
+
+@router.get("/mine", response_model=RoomList)
+async def my_rooms(user: CurrentUser, rt: RuntimeDep) -> RoomList:
+    async with rt.db.shard_for_id(int(user.subject)) as conn:
+        rows = await conn.fetch(
+            "SELECT room_id, name FROM arena_my_rooms WHERE user_id = $1 "
+            "ORDER BY joined_at LIMIT 500",
+            int(user.subject),
+        )
+    return RoomList(
+        items=[RoomOut(id=str(r["room_id"]), name=r["name"], owner_id="") for r in rows]
+    )
+
+
+@router.post("/{room_id}/join", response_model=RoomOut)
+async def join(room_id: str, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
+    rid = _room_id(room_id)
+    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT name, owner_id FROM arena_rooms WHERE id = $1", rid)
+        if row is None:
+            raise Problem(404, f"no room {rid}", slug="no-such-room")
+        await _add_member(rt, conn, {"id": rid, "name": row["name"]}, user)
+    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
+    return RoomOut(id=str(rid), name=row["name"], owner_id=str(row["owner_id"]))
+
+
+@router.post("/{room_id}/leave", status_code=204)
+async def leave(room_id: str, user: CurrentUser, rt: RuntimeDep) -> Response:
+    rid = _room_id(room_id)
+    await _require_member(rt, rid, user)
+    async with rt.db.shard_for_id(rid) as conn, conn.transaction():
+        removed = await conn.execute(
+            "DELETE FROM arena_members WHERE room_id = $1 AND user_id = $2", rid, int(user.subject)
+        )
+        if removed:
+            await rt.bus.emit(
+                conn,
+                topics.MEMBERSHIP,
+                user.claims.get("name", user.subject),
+                {"op": "leave", "user_id": int(user.subject), "room_id": rid},
+            )
+    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
+    return Response(status_code=204)
 
 
 def register_realtime(rt: Runtime) -> None:
