@@ -49,6 +49,13 @@ class _Entry:
 class _Partition:
     entries: list[_Entry] = field(default_factory=list)
     first: int = 0  # absolute index of entries[0] (older ones were trimmed)
+    # Set (and replaced) when the partition gets entries: only its own workers
+    # wake, not every partition's (a topic-wide condition woke 16 tasks per publish).
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        event, self.wake = self.wake, asyncio.Event()
+        event.set()
 
     @property
     def end(self) -> int:
@@ -62,7 +69,6 @@ class _Partition:
 class _Topic:
     spec: TopicSpec
     partitions: list[_Partition]
-    changed: asyncio.Condition
     seq: int = 0
     bytes: int = 0
     seen: dict[str, float] = field(default_factory=dict)
@@ -116,9 +122,7 @@ class MemoryStreams(StreamBackend):
     async def ensure_topic(self, spec: TopicSpec) -> None:
         topic = self._topics.get(spec.name)
         if topic is None:
-            self._topics[spec.name] = _Topic(
-                spec, [_Partition() for _ in range(spec.partitions)], asyncio.Condition()
-            )
+            self._topics[spec.name] = _Topic(spec, [_Partition() for _ in range(spec.partitions)])
         elif topic.spec.partitions != spec.partitions:
             raise TopicError(
                 f"topic {spec.name} has {topic.spec.partitions} partitions, asked for "
@@ -131,17 +135,19 @@ class MemoryStreams(StreamBackend):
         topic = self._topic(spec)
         now = self._clock()
         window = topic.spec.duplicate_window_s
+        touched: set[int] = set()
         for event in events:
             if topic.seen.get(event.dedup_id, 0.0) > now:
                 continue
             topic.seen[event.dedup_id] = now + window
             topic.seq += 1
-            part = topic.partitions[topic.spec.partition_of(event.slot)]
-            part.entries.append(_Entry(topic.seq, now, event))
+            index = topic.spec.partition_of(event.slot)
+            topic.partitions[index].entries.append(_Entry(topic.seq, now, event))
             topic.bytes += len(event.payload)
+            touched.add(index)
         self._trim(topic, now)
-        async with topic.changed:
-            topic.changed.notify_all()
+        for index in touched:
+            topic.partitions[index].notify()
 
     def _trim(self, topic: _Topic, now: float) -> None:
         spec = topic.spec
@@ -194,8 +200,7 @@ class MemoryStreams(StreamBackend):
 
         async def stop() -> None:
             stopping.set()
-            async with topic.changed:
-                topic.changed.notify_all()
+            _wake_all(topic)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,10 +229,10 @@ class MemoryStreams(StreamBackend):
                     if done and cursor is topic.groups[group]:
                         cursor[p] = index + 1
                     continue
-            async with topic.changed:
-                await topic.changed.wait_for(
-                    lambda: stopping.is_set() or max(topic.groups[group][p], part.first) < part.end
-                )
+            wake = part.wake
+            if stopping.is_set() or max(topic.groups[group][p], part.first) < part.end:
+                continue
+            await wake.wait()
 
     async def _handle(
         self,
@@ -272,8 +277,7 @@ class MemoryStreams(StreamBackend):
     async def reset_group(self, spec: TopicSpec, group: str, start: StartPosition) -> None:
         topic = self._topic(spec)
         topic.groups[group] = [self._start_index(p, start) for p in topic.partitions]
-        async with topic.changed:
-            topic.changed.notify_all()
+        _wake_all(topic)
 
     async def topic_status(self, spec: TopicSpec) -> TopicStatus:
         topic = self._topic(spec)
@@ -299,3 +303,8 @@ class MemoryStreams(StreamBackend):
 
     async def drop_dead_letter(self, spec: TopicSpec, sequence: int) -> bool:
         return self._topic(spec).dlq.pop(sequence, None) is not None
+
+
+def _wake_all(topic: _Topic) -> None:
+    for part in topic.partitions:
+        part.notify()
