@@ -58,6 +58,7 @@ class Up:
             env=env,
             stdout=self._out,
             stderr=self._err,
+            start_new_session=True,  # `close` can end the workers too, not only the parent
         )
 
     def output(self) -> str:
@@ -83,8 +84,11 @@ class Up:
         return code, time.monotonic() - started
 
     def close(self) -> None:
+        # The whole group: a killed parent leaves uvicorn's workers (and their
+        # PostgreSQL connections) behind otherwise.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
-            self.proc.kill()
             self.proc.wait(10)
         self._out.close()
         self._err.close()
