@@ -133,6 +133,25 @@ async def test_hits_are_private_copies_even_of_nested_values(make_node: MakeNode
     assert await cache.get_or_load("nested", load) == {"members": [1, 2], "meta": {"open": True}}
 
 
+async def test_l2_hits_are_private_copies_on_every_later_read(make_node: MakeNode) -> None:
+    # An L2 hit hands its reader the object it just decoded, and the copier is
+    # planned only on the next read: no reader may see another's mutations.
+    writer, reader = make_node(), make_node()
+    value = {"members": [1, 2], "meta": {"open": True}}
+    await writer.cache.set("room", value)
+    source = Source("never called")
+    reads = []
+    for _ in range(4):  # L2 hit, then L1 hits: the re-decode, then the planned copier
+        got = await reader.cache.get_or_load("room", source)
+        assert got == value
+        got["members"].append(99)
+        got["meta"]["open"] = False
+        reads.append(got)
+    assert source.calls == 0
+    assert len({id(r) for r in reads}) == 4
+    assert len({id(r["members"]) for r in reads}) == 4
+
+
 async def test_stale_while_revalidate_serves_stale_then_refreshes_once(
     make_node: MakeNode,
 ) -> None:

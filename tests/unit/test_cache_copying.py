@@ -58,3 +58,25 @@ def test_values_that_are_not_plain_json_are_decoded_again() -> None:
         encoded = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
         copy = copier_for(value, encoded)(value)
         assert copy == orjson.loads(encoded)
+
+
+@given(plain)
+def test_an_entry_decoded_from_l2_never_shares_a_container_between_readers(value: Any) -> None:
+    from tenfold.cache.tiered import TieredCache
+
+    raw = orjson.dumps([2e9, 2e9, 2e9, value, ["t"], 0.5])
+    meta = TieredCache._decode(raw)
+    assert meta is not None and meta.tags == ("t",) and meta.load_s == 0.5
+    reads = [meta.private() for _ in range(4)]  # hand-over, re-decode, planned copier x2
+    assert all(r == orjson.loads(orjson.dumps(value)) for r in reads)
+    seen = [i for r in reads for i in containers(r)]
+    assert len(seen) == len(set(seen))
+
+
+def test_envelopes_that_are_not_ours_decode_as_misses() -> None:
+    from tenfold.cache.tiered import TieredCache
+
+    for raw in (b"{}", b"[1,2,3]", b'[1,2,"3",{},[],0]', b"[1,2,3,{},{},0]", b"[true,2,3,{},[]]"):
+        assert TieredCache._decode(raw) is None
+    old = TieredCache._decode(b'[1,2,3,{"a":[1]},["t",7]]')  # 5 fields: before load_s
+    assert old is not None and old.load_s == 0.0 and old.tags == ("t",)

@@ -17,9 +17,10 @@ decode, with load_s = 0). Times are wall-clock seconds (`clock`), because
 processes share them via L2; `hold_until = fresh_until + max(stale_ttl_s,
 fail_safe_max_s)` is the L2 TTL. L1 also keeps the envelope decoded once
 (`_Meta`), so an L1 hit reads the times without parsing; the caller still gets a
-private copy of a mutable value (a list or dict is decoded from its own JSON
-bytes on every hit; str, int, float, bool and None are immutable and returned
-as they are).
+private copy of a mutable value (a list or dict is copied by a copier planned
+once, see copying.py; str, int, float, bool and None are immutable and returned
+as they are). The reader of an L2 hit gets the object just decoded from the
+reply, which nobody else holds; the copier is planned on the entry's next read.
 
 Probabilistic early refresh (XFetch, Vattani, Chierichetti and Lowenstein,
 "Optimal Probabilistic Cache Stampede Prevention", VLDB 2015): on a fresh hit,
@@ -89,6 +90,7 @@ _WARM_BATCH = 256  # entries per L2 pipeline when warming
 _POLL_FIRST_S = 0.002  # lock waiters: first poll delay, doubled up to _POLL_MAX_S
 _POLL_MAX_S = 0.05
 _IMMUTABLE = (str, int, float, bool)
+_NUMBER = (int, float)  # JSON numbers as orjson decodes them (bool is neither)
 _XFETCH_REACH = 37.0  # > -ln(2**-53): the largest -ln(r) for a nonzero random() double
 _L2_OPS = ("get", "get_many", "set", "set_many", "delete", "delete_tag", "publish", "lock")
 
@@ -113,39 +115,54 @@ class _Meta:
     load_s: float
     value: Any  # the cache's own object: returned as is when `copier` is None (immutable)
     size: int  # bytes of the value's JSON (sizes the L1 entry), 0 when immutable
-    copier: Copier | None  # makes each caller's private copy (see copying.py)
+    copier: Copier | None  # makes each caller's private copy (see copying.py), or a state below
     tags: tuple[str, ...]
     early_at: float = math.inf  # before it, early refresh cannot fire (set by _l1_put)
     l1_fresh: float = -math.inf  # min(fresh, the L1 entry's expiry) in `clock` time
+    raw: bytes | None = None  # the envelope `value` was decoded from (lazy states only)
 
     def private(self) -> Any:
-        return self.value if self.copier is None else self.copier(self.value)
+        """A value no other caller holds (see `_HAND_OVER` and `_REDECODE`)."""
+        copier = self.copier
+        if copier is None:
+            return self.value
+        if copier is _HAND_OVER:
+            self.copier = _REDECODE
+            value, self.value = self.value, None
+            return value
+        if copier is _REDECODE:
+            assert self.raw is not None
+            self.value = orjson.loads(self.raw)[3]
+            copier = self.copier = copier_for(self.value)
+            self.raw = None
+        return copier(self.value)
+
+
+# Lazy states of `_Meta.copier`, for a value just decoded from an L2 reply. Planning
+# its copier (copying.py) costs ~5 µs for a 200-byte dict, four times the decode, and
+# the entry may never be read again (an L1 smaller than the working set evicts it
+# first). So the first reader takes the decoded object itself, which nobody else
+# holds (_HAND_OVER), and a second reader decodes the envelope again for the cache
+# and plans its copier (_REDECODE). Only `private()` may read `value` in these
+# states; the functions are markers compared by identity, never called.
+def _HAND_OVER(value: Any) -> Any:
+    raise AssertionError("a lazy copier state is read through _Meta.private()")
+
+
+def _REDECODE(value: Any) -> Any:
+    raise AssertionError("a lazy copier state is read through _Meta.private()")
 
 
 def _meta_of(
-    fresh: float,
-    stale: float,
-    hold: float,
-    load_s: float,
-    value: Any,
-    tags: Any,
-    *,
-    decoded_from: bytes | None,
+    fresh: float, stale: float, hold: float, load_s: float, value: Any, tags: tuple[str, ...]
 ) -> _Meta:
-    """The meta of `value`, which was just decoded from the envelope `decoded_from`
-    (the cache owns it), or, when that is None, came from a loader: then a copy
-    is kept, since the loader's caller may mutate its object later."""
+    """The meta of `value`, which came from a loader: a copy is kept, since the
+    loader's caller may mutate its object later."""
     if value is None or type(value) in _IMMUTABLE:
-        return _Meta(fresh, stale, hold, load_s, value, 0, None, tuple(tags))
-    encoded = None
-    if decoded_from is None:
-        encoded = orjson.dumps(value)
-        value, size = orjson.loads(encoded), len(encoded)
-    else:  # an L2 hit: no second encoding (the hot path of L2 reads)
-        size = len(decoded_from)
-    return _Meta(
-        fresh, stale, hold, load_s, value, size, copier_for(value, encoded), tuple(tags)
-    )  # fmt: skip
+        return _Meta(fresh, stale, hold, load_s, value, 0, None, tags)
+    encoded = orjson.dumps(value)
+    value = orjson.loads(encoded)
+    return _Meta(fresh, stale, hold, load_s, value, len(encoded), copier_for(value, encoded), tags)
 
 
 @dataclass(slots=True)
@@ -261,6 +278,7 @@ class TieredCache:
         self._refresh_stale = metrics.cache_refreshes.labels(prefix, "stale")
         self._loader_seconds = metrics.cache_loader_seconds.labels(prefix)
         self._l2_seconds = {op: metrics.cache_l2_seconds.labels(prefix, op) for op in _L2_OPS}
+        self._l2_get_seconds = self._l2_seconds["get"]
         self._invalidations = {
             kind: metrics.cache_invalidations.labels(prefix, kind)
             for kind in ("key", "tag", "received", "resync")
@@ -340,8 +358,8 @@ class TieredCache:
                         self._policy(ttl_s, stale_ttl_s, fail_safe_max_s,
                                      negative_ttl_s, soft_timeout_s, tags),
                     )  # fmt: skip
-                return hot.value if hot.copier is None else hot.copier(hot.value)
-        entry = self.l1.entry(full)
+                return hot.value if hot.copier is None else hot.private()
+        entry = None if fast is None else self.l1.entry(full)  # absent: no second lookup
         meta: _Meta | None = None
         if entry is not None:
             meta = entry.meta if type(entry.meta) is _Meta else self._decode(entry.payload)
@@ -355,7 +373,7 @@ class TieredCache:
                             self._policy(ttl_s, stale_ttl_s, fail_safe_max_s,
                                          negative_ttl_s, soft_timeout_s, tags),
                         )  # fmt: skip
-                    return meta.value if meta.copier is None else meta.copier(meta.value)
+                    return meta.value if meta.copier is None else meta.private()
         policy = self._policy(
             ttl_s, stale_ttl_s, fail_safe_max_s, negative_ttl_s, soft_timeout_s, tags
         )
@@ -367,7 +385,11 @@ class TieredCache:
             if flight is not None:  # a load is under way: join it, do not ask L2 as well
                 landed = await asyncio.shield(flight)
                 return None if landed is None else landed.private()
-            raw = await self._l2_get(full)
+            started = time.perf_counter()  # inlined _l2_get: one coroutine less per L2 read
+            try:
+                raw = await self.l2.get(full)
+            finally:
+                self._l2_get_seconds.observe(time.perf_counter() - started)
             meta = self._decode(raw)
             hit = self._hit_l2
             if meta is None or now >= meta.hold:
@@ -756,7 +778,7 @@ class TieredCache:
             hold = fresh + max(policy.stale_ttl_s, policy.fail_safe_max_s)
         try:
             payload = orjson.dumps([fresh, stale, hold, value, policy.tags, load_s])
-            meta = _meta_of(fresh, stale, hold, load_s, value, policy.tags, decoded_from=None)
+            meta = _meta_of(fresh, stale, hold, load_s, value, policy.tags)
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise CacheError(key, f"the value cannot be serialised to JSON ({exc})") from exc
         if len(payload) > self.max_value_bytes:
@@ -788,7 +810,7 @@ class TieredCache:
         try:
             return await self.l2.get(full)
         finally:
-            self._l2_seconds["get"].observe(time.perf_counter() - started)
+            self._l2_get_seconds.observe(time.perf_counter() - started)
 
     async def _timed(self, op: str, call: Awaitable[Any]) -> Any:
         started = time.perf_counter()
@@ -799,22 +821,40 @@ class TieredCache:
 
     @staticmethod
     def _decode(raw: bytes | None) -> _Meta | None:
+        """The entry in `raw`, or None when it is absent or not an envelope of ours.
+
+        On every L2 hit: unpacked by position, no generator or copier planning
+        (the value's copier is planned on its second read, see `_HAND_OVER`).
+        """
         if raw is None:
             return None
         try:
             envelope = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return None
-        if not isinstance(envelope, list) or len(envelope) not in (5, 6):
+        if type(envelope) is not list:
             return None  # not ours (another writer on this prefix): a miss
-        times = envelope[:3] + envelope[5:]
-        if not all(type(t) in (int, float) for t in times) or not isinstance(envelope[4], list):
+        if len(envelope) == 6:
+            fresh, stale, hold, value, tags, load_s = envelope
+        elif len(envelope) == 5:  # written before load_s existed
+            fresh, stale, hold, value, tags = envelope
+            load_s = 0.0
+        else:
             return None
-        load_s = float(envelope[5]) if len(envelope) == 6 else 0.0  # 5 fields: written before
-        return _meta_of(
-            float(envelope[0]), float(envelope[1]), float(envelope[2]), load_s,
-            envelope[3], (t for t in envelope[4] if isinstance(t, str)), decoded_from=raw,
-        )  # fmt: skip
+        number = _NUMBER
+        if (
+            type(fresh) not in number
+            or type(stale) not in number
+            or type(hold) not in number
+            or type(load_s) not in number
+            or type(tags) is not list
+        ):
+            return None
+        names = tuple(t for t in tags if type(t) is str) if tags else ()
+        fresh, stale, hold, load_s = float(fresh), float(stale), float(hold), float(load_s)
+        if value is None or type(value) in _IMMUTABLE:
+            return _Meta(fresh, stale, hold, load_s, value, 0, None, names)
+        return _Meta(fresh, stale, hold, load_s, value, len(raw), _HAND_OVER, names, raw=raw)
 
     def _decode_entry(self, meta: Any, payload: bytes) -> _Meta | None:
         return meta if isinstance(meta, _Meta) else self._decode(payload)
