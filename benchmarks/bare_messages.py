@@ -27,6 +27,8 @@ import orjson
 from fastapi import FastAPI, Response
 
 from apps.arena.schemas import MessageIn, MessageOut
+from tenfold.config import load_settings
+from tenfold.gateway.heap import tune_gc
 
 SQL = (
     "INSERT INTO arena_messages (slot, id, room_id, author_id, author, body, idem_key, created_at)"
@@ -61,6 +63,9 @@ def create_app(outbox: bool = False) -> FastAPI:
         state["pool"] = await asyncpg.create_pool(url, min_size=size, max_size=size)
         if outbox:
             await state["pool"].execute(OUTBOX_DDL)
+        # The collector settings tenfold applies to its apps (tenfold.gateway.heap),
+        # so the comparison measures the stack, not the collector's settings.
+        tune_gc(load_settings().gc_gen0_threshold)
         yield
         await state["pool"].close()
 

@@ -231,6 +231,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     trace_exporter: str = "none"
     drain_timeout_s: float = 10.0
+    # Collector settings applied once the app has started (tenfold.gateway.heap):
+    # freeze the start-up heap, and collect the youngest generation every N net
+    # allocations instead of CPython's 700. 0 leaves CPython's defaults alone.
+    gc_gen0_threshold: int = 20_000
     # realtime hub (/ws): fan-out goes over TENFOLD_EVENTS_URL (in-process or NATS)
     realtime_max_frame_bytes: int = 16 * 1024
     realtime_auth_timeout_s: float = 10.0
@@ -338,6 +342,7 @@ class Settings(BaseSettings):
             ("realtime_publish_burst", 1, 1_000_000),
             ("realtime_max_conns_per_user", 1, 1_000_000),
             ("realtime_history_size", 1, 1_000_000),
+            ("gc_gen0_threshold", 0, 10_000_000),
         ):
             if not low <= getattr(self, name) <= high:
                 raise ConfigError(

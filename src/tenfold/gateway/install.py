@@ -28,6 +28,7 @@ from starlette.responses import Response
 
 from tenfold.errors import TenfoldError
 from tenfold.gateway import problems
+from tenfold.gateway.heap import tune_gc
 from tenfold.gateway.middleware import WS_PATH, TenfoldMiddleware
 from tenfold.gateway.runtime import Runtime
 from tenfold.observe.metrics import REGISTRY
@@ -77,6 +78,8 @@ def install(app: Starlette, runtime: Runtime | None = None) -> Runtime:
         await runtime.start()
         try:
             async with inner(a) as state:
+                # after the app's own start-up, so its heap is frozen too
+                tune_gc(runtime.settings.gc_gen0_threshold)
                 # tenfold's uvicorn WebSocket protocol finds the hub here (realtime/wire.py)
                 yield {**(state or {}), STATE_KEY: (WS_PATH, runtime.realtime)}
         finally:
