@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from tenfold.config import redact_url
 from tenfold.errors import ConfigError, QueryError
@@ -43,12 +43,13 @@ __all__ = [
 Record = Any  # asyncpg.Record or sqlite3.Row: both index by name and position
 
 
-@dataclass(frozen=True, slots=True)
-class Insert:
+class Insert(NamedTuple):
     """One row for `Connection.insert_together`.
 
     `sharded`: the table has a `slot` column that the connection fills in (as
-    `insert` does); False inserts `row` exactly as given.
+    `insert` does); False inserts `row` exactly as given. A NamedTuple rather
+    than a frozen dataclass: two are built per emitted event, and a frozen
+    dataclass's `__init__` costs a `object.__setattr__` call per field.
     """
 
     table: str

@@ -13,6 +13,7 @@ problem response (`tenfold.gateway.problems`); nothing after it runs.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -242,6 +243,12 @@ class TenfoldMiddleware:
 
 
 def _header_pairs(decision: Decision) -> list[tuple[bytes, bytes]]:
+    if decision.allowed:  # every answer carries these: built as bytes directly
+        return [
+            (b"ratelimit-limit", b"%d" % decision.limit),
+            (b"ratelimit-remaining", b"%d" % max(0, decision.remaining)),
+            (b"ratelimit-reset", b"%d" % max(0, math.ceil(decision.reset_after_s))),
+        ]
     return [(k.lower().encode(), v.encode()) for k, v in rate_limit_headers(decision).items()]
 
 

@@ -31,14 +31,13 @@ Invariants (tests/unit/test_admission.py checks them):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import math
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from tenfold.errors import ConfigError, Overloaded, ResilienceError
@@ -315,9 +314,8 @@ class AdmissionController:
         if self._queued:
             self._wake()
 
-    @contextlib.asynccontextmanager
-    async def admit(self, priority: str) -> AsyncIterator[None]:
-        """Run the body if admitted; feed its latency back to the limit.
+    def admit(self, priority: str) -> _Admission:
+        """`async with admit(priority):` runs the body if admitted; feeds its latency back.
 
         Args:
             priority: a class named in `priorities`, e.g. "critical", "user", "anonymous".
@@ -326,23 +324,35 @@ class AdmissionController:
             Overloaded: the request was shed; answer 503 with `retry_after_s`.
             ConfigError: `priority` is not a known class.
         """
-        await self._acquire(priority)
-        in_flight = self._in_flight
-        start = self._clock()
-        dropped = False
-        record = True
+        return _Admission(self, priority)
+
+
+class _Admission:
+    # A plain class, not @asynccontextmanager: every request enters one, and a
+    # generator-based context manager costs a generator and two extra frames.
+    __slots__ = ("_controller", "_in_flight", "_priority", "_start")
+
+    def __init__(self, controller: AdmissionController, priority: str) -> None:
+        self._controller = controller
+        self._priority = priority
+
+    async def __aenter__(self) -> None:
+        c = self._controller
+        await c._acquire(self._priority)
+        self._in_flight = c._in_flight
+        self._start = c._clock()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        c = self._controller
         try:
-            yield
-        except (TimeoutError, ResilienceError):
-            dropped = True
-            raise
-        except asyncio.CancelledError:
-            record = False  # the caller left; its latency says nothing
-            raise
+            if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
+                # a cancelled caller left: its latency says nothing
+                dropped = exc_type is not None and issubclass(
+                    exc_type, TimeoutError | ResilienceError
+                )
+                c._algorithm.on_sample(c._clock() - self._start, self._in_flight, dropped=dropped)
         finally:
-            if record:
-                self._algorithm.on_sample(self._clock() - start, in_flight, dropped=dropped)
-            self._release()
+            c._release()
 
 
 def _expire(future: asyncio.Future[None]) -> None:
