@@ -95,10 +95,23 @@ def goals_issue5(figures: dict[str, dict]) -> list[str]:
     return [
         f"stack cost ≤ 30% on send-message: {met} ({gw['stack_cost_percent']:.1f}%; "
         f"middleware alone {gw['middleware_cost_percent']:.1f}%)",
-        f"granian / uvicorn = {s['ratio_granian_vs_uvicorn']:.3f}x: default is {s['faster']}",
+        _server_line(s),
         f"2 / 1 workers (send-message): {w['ratio_2_vs_1_bench_send_rps']:.3f}x with "
         f"tenfold bench, {w['ratio_2_vs_1_wrk_send_rps']:.3f}x with wrk",
     ]
+
+
+def _server_line(s: dict) -> str:
+    """The server ratio, its per-round spread, and the default `tenfold up` really has."""
+    from tenfold.cli.up import DEFAULT_SERVER
+
+    rounds = {name: [r["rps"] for r in side["rounds"]] for name, side in s["sides"].items()}
+    pairs = sorted(g / u for u, g in zip(rounds["uvicorn"], rounds["granian"], strict=True))
+    return (
+        f"granian / uvicorn = {s['ratio_granian_vs_uvicorn']:.3f}x (per-round pairs "
+        f"{pairs[0]:.2f}-{pairs[-1]:.2f}x); faster in this run: {s['faster']}; "
+        f"tenfold up's default: {DEFAULT_SERVER} (see docs/load-testing.md, Servers)"
+    )
 
 
 def goals_issue6(figures: dict[str, dict]) -> list[str]:

@@ -8,7 +8,9 @@ interface with lifespan, uvloop, HTTP/1), 1 worker each, driven by `wrk`
 run the same arena on the same PostgreSQL shard database (1 shard, events
 `memory://`, pool 10), side by side, and rounds alternate; medians of 5
 rounds (2 with `--quick`). Only the server differs, so this is fair by
-construction; the faster one is `tenfold up`'s default (uvicorn, as measured).
+construction. The recorded runs are a tie within the box's noise (0.91x,
+then 1.045x granian / uvicorn); `tenfold up` defaults to uvicorn, which also
+carries the hub's own WebSocket protocol (docs/load-testing.md, Servers).
 Admission control is off in both parts (`TENFOLD_ADMISSION_ENABLED=false`):
 on a contended 2-core box its adaptive limit sheds a varying share of
 requests with 503, which would measure the shedding, not the server.

@@ -52,6 +52,12 @@ def effective_settings(target: str, settings: Settings) -> Settings:
     return result
 
 
+SERVERS = ("uvicorn", "granian")
+# A tie with granian on HTTP throughput (docs/load-testing.md); uvicorn carries
+# the hub's own WebSocket protocol (7.4 KiB per idle connection, not 29.6).
+DEFAULT_SERVER = "uvicorn"
+
+
 async def migrate(settings: Settings) -> dict[str, list[str]]:
     from tenfold.data import ShardedDatabase
 
@@ -89,9 +95,9 @@ def up(
         "embedded", help="'embedded' (SQLite, in-process events) or 'local' (start services)."
     ),
     server: str = typer.Option(
-        "uvicorn",
-        help="'uvicorn' (httptools + uvloop; the faster for arena, see docs/load-testing.md) "
-        "or 'granian' (pip install granian).",
+        DEFAULT_SERVER,
+        help="'uvicorn' (httptools + uvloop; /ws on tenfold's own WebSocket protocol; "
+        "see docs/load-testing.md) or 'granian' (pip install granian).",
     ),
 ) -> None:
     """Migrate and serve APP (arena by default); Ctrl-C or SIGTERM drains and stops."""
@@ -121,9 +127,6 @@ def up(
     console.print(describe(target, settings, host, port, workers, server))
     console.print(f"migrations: {fresh} applied" if fresh else "migrations: up to date")
     serve(target, host, port, workers, settings, server)
-
-
-SERVERS = ("uvicorn", "granian")
 
 
 def pick_server(server: str) -> str:
