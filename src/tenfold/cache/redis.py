@@ -223,7 +223,7 @@ class RedisL2(L2Backend):
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.timeout_s):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8
             await asyncio.sleep(self.recheck_after_s)
 
     def _pipeline_checked(self, commands: Sequence[Sequence[Any]]) -> Callable[[], Awaitable[None]]:
