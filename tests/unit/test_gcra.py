@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tenfold.errors import RateLimitError
-from tenfold.limits import Decision, MemoryStorage, RateLimiter, Rule, decide, headers
+from tenfold.limits import Decision, MemoryStorage, RateLimiter, Rule, decide, header_pairs, headers
 from tenfold.limits.gcra import EPSILON_S
 
 FIVE_PER_S = Rule(limit=5, period_s=1.0)  # T = 0.2 s, burst 5
@@ -194,6 +194,21 @@ def test_headers() -> None:
     }
     later = Decision(allowed=False, remaining=0, retry_after_s=2.0001, reset_after_s=5.0, limit=10)
     assert RateLimiter.headers(later)["Retry-After"] == str(math.ceil(2.0001))
+
+
+def test_header_pairs_are_the_headers_as_asgi_bytes() -> None:
+    ok = Decision(allowed=True, remaining=-2, retry_after_s=0.0, reset_after_s=1.2, limit=10)
+    assert header_pairs(ok) == [
+        (b"ratelimit-limit", b"10"),
+        (b"ratelimit-remaining", b"0"),
+        (b"ratelimit-reset", b"2"),
+    ]
+    for decision in (
+        ok,
+        Decision(allowed=False, remaining=0, retry_after_s=2.0001, reset_after_s=5.0, limit=10),
+    ):
+        as_text = {k.decode(): v.decode() for k, v in header_pairs(decision)}
+        assert as_text == {k.lower(): v for k, v in headers(decision).items()}
 
 
 def test_memory_storage_is_bounded_lru_and_drops_expired_first() -> None:

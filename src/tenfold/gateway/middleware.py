@@ -13,7 +13,6 @@ problem response (`tenfold.gateway.problems`); nothing after it runs.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -26,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenfold.gateway import metrics
 from tenfold.gateway.problems import problem_response, response_for
-from tenfold.limits import headers as rate_limit_headers
+from tenfold.limits import header_pairs
 from tenfold.limits.gcra import Decision
 from tenfold.observe import tracing
 from tenfold.observe.logs import request_id_var
@@ -94,7 +93,7 @@ class TenfoldMiddleware:
                 hdrs = list(message.get("headers", ()))
                 hdrs.append((b"x-request-id", rid.encode()))
                 if decision[0] is not None:
-                    hdrs.extend(_header_pairs(decision[0]))
+                    hdrs.extend(header_pairs(decision[0]))
                 message = {**message, "headers": hdrs}
             await send(message)
 
@@ -240,16 +239,6 @@ class TenfoldMiddleware:
         method = scope.get("method", "GET")
         child(metrics.http_seconds, method, template).observe(seconds)
         child(metrics.http_requests, method, template, str(status)).inc()
-
-
-def _header_pairs(decision: Decision) -> list[tuple[bytes, bytes]]:
-    if decision.allowed:  # every answer carries these: built as bytes directly
-        return [
-            (b"ratelimit-limit", b"%d" % decision.limit),
-            (b"ratelimit-remaining", b"%d" % max(0, decision.remaining)),
-            (b"ratelimit-reset", b"%d" % max(0, math.ceil(decision.reset_after_s))),
-        ]
-    return [(k.lower().encode(), v.encode()) for k, v in rate_limit_headers(decision).items()]
 
 
 def _request_id(scope: Scope) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from tenfold.limits.admission import AdmissionController, AimdLimit, LimitAlgorithm
 from tenfold.limits.base import DecideItem, LimiterStorage, from_url
 from tenfold.limits.gcra import Decision, decide
-from tenfold.limits.limiter import RateLimiter, headers
+from tenfold.limits.limiter import RateLimiter, header_pairs, headers
 from tenfold.limits.memory import MemoryStorage
 from tenfold.limits.rules import Rule, parse_rule
 
@@ -30,6 +30,7 @@ __all__ = [
     "Rule",
     "decide",
     "from_url",
+    "header_pairs",
     "headers",
     "parse_rule",
 ]

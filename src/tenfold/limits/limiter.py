@@ -10,7 +10,7 @@ from tenfold.limits.base import LimiterStorage
 from tenfold.limits.gcra import Decision
 from tenfold.limits.rules import Rule, parse_rule
 
-__all__ = ["RateLimiter", "headers"]
+__all__ = ["RateLimiter", "header_pairs", "headers"]
 
 
 class RateLimiter:
@@ -82,13 +82,28 @@ def headers(decision: Decision) -> dict[str, str]:
     Args:
         decision: the decision to describe.
     """
-    out = {
-        "RateLimit-Limit": str(decision.limit),
-        "RateLimit-Remaining": str(max(0, decision.remaining)),
-        "RateLimit-Reset": str(max(0, math.ceil(decision.reset_after_s))),
-    }
+    return {name: str(value) for name, value in _header_values(decision)}
+
+
+def header_pairs(decision: Decision) -> list[tuple[bytes, bytes]]:
+    """`headers(decision)` as ASGI header pairs (lower-case names), for every answer."""
+    return [(_ASGI_NAMES[name], b"%d" % value) for name, value in _header_values(decision)]
+
+
+_ASGI_NAMES = {
+    name: name.lower().encode()
+    for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After")
+}
+
+
+def _header_values(decision: Decision) -> list[tuple[str, int]]:
+    out = [
+        ("RateLimit-Limit", decision.limit),
+        ("RateLimit-Remaining", max(0, decision.remaining)),
+        ("RateLimit-Reset", max(0, math.ceil(decision.reset_after_s))),
+    ]
     if not decision.allowed:
-        out["Retry-After"] = str(max(1, math.ceil(decision.retry_after_s)))
+        out.append(("Retry-After", max(1, math.ceil(decision.retry_after_s))))
     return out
 
 
