@@ -227,6 +227,13 @@ def databases(n: int) -> Iterator[list[str]]:
         asyncio.run(drop_databases(ADMIN_URL, names))
 
 
+def app_settings(settings: Any) -> Any:
+    """`tenfold up`'s settings hook for `arena_auth_only`: arena's (its migrations and rules)."""
+    from apps.arena.app import arena_settings
+
+    return arena_settings(settings)
+
+
 def arena_auth_only() -> Any:
     """arena with tenfold's middleware replaced by one that only authenticates (JWT)."""
     from apps.arena.app import create_app
@@ -271,17 +278,22 @@ def run(quick: bool) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tfbench-gw-"))
     load = os.getloadavg()[0]
     try:
-        with databases(2) as (shard, catalog):
+        with databases(4) as (shard, catalog, own_shard, own_catalog):
             env = base_env(shard, catalog)
             with (
                 server("arena", env, logdir=work) as full,
-                server("benchmarks.gateway_overhead:arena_auth_only", env, logdir=work) as auth,
+                # Its own databases: on arena's, arena's relay (holding the lease)
+                # would publish this side's events, off this side's CPU bill.
+                server(
+                    "benchmarks.gateway_overhead:arena_auth_only",
+                    base_env(own_shard, own_catalog),
+                    logdir=work,
+                ) as auth,
                 server("benchmarks.bare_messages:create_app", env, logdir=work) as bare,
                 server("benchmarks.bare_messages:create_app_outbox", env, logdir=work) as bare_tx,
             ):
                 token, room = arena_room(full)
-                # arena_auth_only shares the database (and the user's room), not the keys:
-                # every `tenfold up` process reads the signing key from the same catalog.
+                auth_token, auth_room = arena_room(auth)
                 script = lua(work, "send", token)
                 path = f"/rooms/{room}/messages"
                 samples = alternate(
@@ -289,7 +301,10 @@ def run(quick: bool) -> dict[str, Any]:
                         PEER: (bare + path, script),
                         PEER_TX: (bare_tx + path, script),
                         FULL: (full + path, script),
-                        AUTH_ONLY: (auth + path, script),
+                        AUTH_ONLY: (
+                            f"{auth}/rooms/{auth_room}/messages",
+                            lua(work, "send-auth-only", auth_token),
+                        ),
                     },
                     rounds,
                     seconds,

@@ -406,6 +406,35 @@ async def test_only_the_lease_holder_relays_and_the_other_takes_over(make_db):
     assert set(streams.calls) == set(first) | set(second)
 
 
+async def test_a_standby_is_not_woken_into_lease_attempts_by_writes(make_db):
+    db = await make_db(shards=1)
+    spec = new_topic(partitions=1)
+    streams = RecordingStreams()
+    holder = OutboxRelay(db, "s0", streams, {spec.name: spec}, lease_s=3.0)
+    standby = OutboxRelay(db, "s0", streams, {spec.name: spec}, lease_s=3.0)
+    assert await holder.hold_lease() is True
+    attempts = 0
+    take = standby.hold_lease
+
+    async def counted() -> bool:
+        nonlocal attempts
+        attempts += 1
+        return await take()
+
+    standby.hold_lease = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(standby.run())
+    try:
+        await wait_until(lambda: attempts == 1, 5, "the standby's first try")
+        for _ in range(50):  # an EventBus wakes its relay after every commit
+            standby.wake()
+            await asyncio.sleep(0.005)
+        # one more try per lease_s / 3 = 1 s at most, not one per write
+        assert attempts == 1
+    finally:
+        standby.stop()
+        await asyncio.wait_for(task, 5)
+
+
 # -- a broker outage --------------------------------------------------------------------------
 
 

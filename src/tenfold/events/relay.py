@@ -241,7 +241,9 @@ class OutboxRelay:
         while not self._stopping.is_set():
             try:
                 if not await self.hold_lease():
-                    await self._sleep(min(1.0, self.lease_s / 3))
+                    # A standby: writes wake it after every commit, but it only has
+                    # to try for the lease again when the holder's might lapse.
+                    await self._sleep(min(1.0, self.lease_s / 3), wakeable=False)
                     continue
                 await self._ensure_listener()
                 count = await self.pump()
@@ -278,10 +280,10 @@ class OutboxRelay:
     def wake(self) -> None:
         self._wake.set()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, *, wakeable: bool = True) -> None:
         try:
             async with asyncio.timeout(seconds):
-                await self._wake.wait()
+                await (self._wake if wakeable else self._stopping).wait()
         except TimeoutError:
             pass
         self._wake.clear()

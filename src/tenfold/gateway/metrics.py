@@ -6,9 +6,9 @@ the raw path, so the label set stays bounded; unmatched paths share "unmatched".
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge
 
-from tenfold.observe.metrics import REGISTRY
+from tenfold.observe.metrics import REGISTRY, PlainCounter, PlainHistogram
 
 __all__ = [
     "http_in_flight",
@@ -19,13 +19,14 @@ __all__ = [
     "rate_limit_decisions",
 ]
 
-http_requests = Counter(
+# Written per request on the event loop: plain, without prometheus_client's lock.
+http_requests = PlainCounter(
     "tenfold_http_requests_total",
     "HTTP requests by route template, method and status code.",
     ["method", "route", "status"],
     registry=REGISTRY,
 )
-http_seconds = Histogram(
+http_seconds = PlainHistogram(
     "tenfold_http_request_seconds",
     "HTTP request duration by route template and method.",
     ["method", "route"],
@@ -33,7 +34,7 @@ http_seconds = Histogram(
     registry=REGISTRY,
 )
 http_in_flight = Gauge("tenfold_http_in_flight", "HTTP requests being handled.", registry=REGISTRY)
-rate_limit_decisions = Counter(
+rate_limit_decisions = PlainCounter(
     "tenfold_rate_limit_decisions_total",
     "Rate-limit decisions by rule and outcome (allowed, denied).",
     ["rule", "outcome"],

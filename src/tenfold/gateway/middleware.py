@@ -66,6 +66,14 @@ class TenfoldMiddleware:
         self.max_body = gw.max_body_bytes
         self._ip_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "ip"]
         self._user_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "user"]
+        # bound once: a labels() lookup per request costs more than the increment
+        self._decisions = {
+            (name, allowed): metrics.rate_limit_decisions.labels(
+                name, "allowed" if allowed else "denied"
+            )
+            for name in runtime.limiter.rules
+            for allowed in (True, False)
+        }
         self.in_flight = 0
         # read when scraped rather than written twice per request
         me = weakref.ref(self)
@@ -84,67 +92,45 @@ class TenfoldMiddleware:
         rid = _request_id(scope)
         scope["tenfold.request_id"] = rid
         token = request_id_var.set(rid)
-        status_box = [500]
-        decision: list[Decision | None] = [None]
-
-        async def send_wrapped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status_box[0] = message["status"]
-                hdrs = list(message.get("headers", ()))
-                hdrs.append((b"x-request-id", rid.encode()))
-                if decision[0] is not None:
-                    hdrs.extend(header_pairs(decision[0]))
-                message = {**message, "headers": hdrs}
-            await send(message)
-
+        exchange = _Exchange(send, rid)
         self.in_flight += 1
         try:
             if tracing.enabled():
-                await self._traced(scope, receive, send_wrapped, rid, decision, status_box)
+                await self._traced(scope, receive, exchange)
             else:
-                await self._handle(scope, receive, send_wrapped, rid, decision)
+                await self._handle(scope, receive, exchange)
         finally:
             self.in_flight -= 1
             request_id_var.reset(token)
-            self._observe(scope, status_box[0], time.perf_counter() - started)
+            self._observe(scope, exchange.status, time.perf_counter() - started)
 
-    async def _traced(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        rid: str,
-        decision: list[Decision | None],
-        status_box: list[int],
-    ) -> None:
+    async def _traced(self, scope: Scope, receive: Receive, exchange: _Exchange) -> None:
         carried = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method = scope.get("method", "GET")
         with tracing.span(
             f"{method} {scope['path']}",
-            {"http.request.method": method, "url.path": scope["path"], "tenfold.request_id": rid},
+            {
+                "http.request.method": method,
+                "url.path": scope["path"],
+                "tenfold.request_id": exchange.rid,
+            },
             parent=tracing.extract(carried),
             kind=SpanKind.SERVER,
         ) as span:
             try:
-                await self._handle(scope, receive, send, rid, decision)
+                await self._handle(scope, receive, exchange)
             finally:
                 route = getattr(scope.get("route"), "path", None)
                 if route:
                     span.update_name(f"{method} {route}")
                     span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status_box[0])
+                span.set_attribute("http.response.status_code", exchange.status)
 
-    async def _handle(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        rid: str,
-        decision: list[Decision | None],
-    ) -> None:
-        too_big = self._check_length(scope)
+    async def _handle(self, scope: Scope, receive: Receive, exchange: _Exchange) -> None:
+        rid = exchange.rid
+        length, too_big = self._check_length(scope)
         if too_big is not None:
-            await problem_response(413, too_big, request_id=rid)(scope, receive, send)
+            await problem_response(413, too_big, request_id=rid)(scope, receive, exchange)
             return
         path = scope["path"]
         priority = "critical" if path in CRITICAL_PATHS else "anonymous"
@@ -152,26 +138,22 @@ class TenfoldMiddleware:
         if principal is not None:
             priority = "user"
         if priority != "critical":
-            refused = await self._rate_limit(scope, principal, decision)
+            refused = await self._rate_limit(scope, principal, exchange)
             if refused is not None:
                 await problem_response(
                     429,
                     f"rate limit {refused!r} reached; retry after the Retry-After delay",
                     request_id=rid,
-                )(scope, receive, send)
+                )(scope, receive, exchange)
                 return
-        started: list[bool] = [False]
-
-        async def send_tracking(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started[0] = True
-            await send(message)
-
+        # With a Content-Length (checked above) the server delivers no more than
+        # that; only a chunked body has to be counted as it streams in.
+        bounded = receive if length is not None else self._bounded(receive)
         try:
             async with self.runtime.admission.admit(priority):
-                await self.app(scope, self._bounded(receive), send_tracking)
+                await self.app(scope, bounded, exchange)
         except Exception as exc:  # a refusal before the app answered, or an escaped error
-            if started[0]:
+            if exchange.started:
                 raise
             if isinstance(exc, _TooLarge):
                 response = problem_response(
@@ -179,18 +161,26 @@ class TenfoldMiddleware:
                 )
             else:
                 response = response_for(exc, rid)
-            await response(scope, receive, send)
+            await response(scope, receive, exchange)
 
-    def _check_length(self, scope: Scope) -> str | None:
+    def _check_length(self, scope: Scope) -> tuple[int | None, str | None]:
+        """(the Content-Length when it alone frames the body, else None; why the
+        request is refused, or None)."""
+        size = None
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     size = int(value)
                 except ValueError:
-                    return "the Content-Length header is not a number"
+                    return None, "the Content-Length header is not a number"
                 if size > self.max_body:
-                    return f"the request body is {size} bytes, over the {self.max_body}-byte limit"
-        return None
+                    return size, (
+                        f"the request body is {size} bytes, over the {self.max_body}-byte limit"
+                    )
+            elif name == b"transfer-encoding":
+                chunked = True  # it overrides Content-Length (RFC 9112 6.3)
+        return (None if chunked else size), None
 
     def _bounded(self, receive: Receive) -> Receive:
         seen = [0]
@@ -206,29 +196,24 @@ class TenfoldMiddleware:
 
         return bounded
 
-    async def _rate_limit(
-        self, scope: Scope, principal: Any, decision: list[Decision | None]
-    ) -> str | None:
-        checks: list[tuple[str, str, int]] = []
-        if principal is None and self._ip_rules:
+    async def _rate_limit(self, scope: Scope, principal: Any, exchange: _Exchange) -> str | None:
+        """Count the request against its rules; the refusing rule's name, or None."""
+        if principal is not None:
+            rules, subject = self._user_rules, principal.subject
+        else:
             client = scope.get("client")
-            ip = client[0] if client else "unknown"
-            checks.extend((name, ip, 1) for name in self._ip_rules)
-        if principal is not None and self._user_rules:
-            checks.extend((name, principal.subject, 1) for name in self._user_rules)
-        if not checks:
+            rules, subject = self._ip_rules, client[0] if client else "unknown"
+        if not rules:
             return None
         limiter = self.runtime.limiter
-        if len(checks) == 1:
-            results = [await limiter.check(checks[0][0], checks[0][1])]
+        if len(rules) == 1:
+            results = [await limiter.check(rules[0], subject)]
         else:
-            results = await limiter.check_many(checks)
-        tightest = min(results, key=lambda d: (d.allowed, d.remaining))
-        decision[0] = tightest
+            results = await limiter.check_many([(name, subject, 1) for name in rules])
+        exchange.decision = min(results, key=_tightness) if len(results) > 1 else results[0]
         refused = None
-        for (name, _, _), result in zip(checks, results, strict=True):
-            outcome = "allowed" if result.allowed else "denied"
-            child(metrics.rate_limit_decisions, name, outcome).inc()
+        for name, result in zip(rules, results, strict=True):
+            self._decisions[name, result.allowed].inc()
             if not result.allowed and refused is None:
                 refused = name
         return refused
@@ -239,6 +224,36 @@ class TenfoldMiddleware:
         method = scope.get("method", "GET")
         child(metrics.http_seconds, method, template).observe(seconds)
         child(metrics.http_requests, method, template, str(status)).inc()
+
+
+class _Exchange:
+    """One request's response side, passed on as the app's `send`: it records the
+    status and whether the response started, and adds `X-Request-Id` and the
+    `RateLimit-*` headers of the request's tightest rate-limit decision."""
+
+    __slots__ = ("decision", "rid", "send", "started", "status")
+
+    def __init__(self, send: Send, rid: str) -> None:
+        self.send = send
+        self.rid = rid
+        self.status = 500
+        self.started = False
+        self.decision: Decision | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            hdrs = list(message.get("headers", ()))
+            hdrs.append((b"x-request-id", self.rid.encode()))
+            if self.decision is not None:
+                hdrs.extend(header_pairs(self.decision))
+            message = {**message, "headers": hdrs}
+        await self.send(message)
+
+
+def _tightness(decision: Decision) -> tuple[bool, int]:
+    return decision.allowed, decision.remaining
 
 
 def _request_id(scope: Scope) -> str:
