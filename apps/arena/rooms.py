@@ -298,7 +298,8 @@ def register_realtime(rt: Runtime) -> None:
     @rt.bus.consumer(topics.MESSAGES, group="realtime_rooms")
     async def fan_out(delivery: Any) -> None:
         event = delivery.event
-        await rt.realtime.publish(event.key, event.data())
+        # the payload is the message as JSON already (send_message emitted a dict)
+        await rt.realtime.publish_json(event.key, event.payload)
 
     @rt.bus.consumer(topics.POINTS, group="realtime_points")
     async def points(delivery: Any) -> None:

@@ -179,3 +179,16 @@ async def test_two_thousand_subscribers_set_up_in_bounded_time(hub: Hub) -> None
     assert {u["user"] for f in watcher.ops("leave") for u in f["users"]} == {
         f"u{i}" for i in range(40)
     }
+
+
+async def test_publish_json_sends_the_same_frame_as_publish(hub: Hub) -> None:
+    client = await _subscribed(hub, "u", "room:7")
+    data = {"id": "12", "body": 'héllo "quoted"', "n": [1, 2.5, None]}
+    await hub.publish("room:7", data)
+    await hub.publish_json("room:7", orjson.dumps(data))
+    await asyncio.sleep(0.01)
+    first, second = client.ops("msg")
+    assert first["data"] == second["data"] == data
+    assert second["offset"] == first["offset"] + 1  # the same history, in order
+    with pytest.raises(Exception, match="channel"):
+        await hub.publish_json("no channel here", b"{}")

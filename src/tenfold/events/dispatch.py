@@ -7,6 +7,7 @@ retry/DLQ semantics are the same on the memory backend and on JetStream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ class Outcome:
 
 
 ACK = Outcome("ack")
+_UNTRACED = contextlib.nullcontext()
 _INFRASTRUCTURE = (ShardUnavailable, ShardTimeout, BrokerUnavailable)
 
 
@@ -43,11 +45,15 @@ async def deliver(
     start = time.perf_counter()
     bound = asyncio.timeout(timeout_s)
     try:
-        with tracing.span(
-            f"consume {topic}",
-            {"messaging.destination.name": topic, "messaging.consumer.group.name": group},
-            parent=tracing.extract(delivery.event.headers),
-            kind=SpanKind.CONSUMER,
+        with (
+            tracing.span(
+                f"consume {topic}",
+                {"messaging.destination.name": topic, "messaging.consumer.group.name": group},
+                parent=tracing.extract(delivery.event.headers),
+                kind=SpanKind.CONSUMER,
+            )
+            if tracing.enabled()  # else no name, attributes or context to build per event
+            else _UNTRACED
         ):
             async with bound:
                 await handler(delivery)

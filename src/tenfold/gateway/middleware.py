@@ -14,6 +14,7 @@ problem response (`tenfold.gateway.problems`); nothing after it runs.
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 import weakref
@@ -29,7 +30,6 @@ from tenfold.limits import header_pairs
 from tenfold.limits.gcra import Decision
 from tenfold.observe import tracing
 from tenfold.observe.logs import request_id_var
-from tenfold.observe.metrics import child
 
 if TYPE_CHECKING:
     from tenfold.gateway.runtime import Runtime
@@ -74,6 +74,7 @@ class TenfoldMiddleware:
             for name in runtime.limiter.rules
             for allowed in (True, False)
         }
+        self._red: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.in_flight = 0
         # read when scraped rather than written twice per request
         me = weakref.ref(self)
@@ -219,11 +220,17 @@ class TenfoldMiddleware:
         return refused
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        method = scope.get("method", "GET")
-        child(metrics.http_seconds, method, template).observe(seconds)
-        child(metrics.http_requests, method, template, str(status)).inc()
+        template = getattr(scope.get("route"), "path", None) or "unmatched"
+        key = (scope.get("method", "GET"), template, status)
+        found = self._red.get(key)
+        if found is None:  # bounded: methods x route templates x status codes
+            method = key[0]
+            found = self._red[key] = (
+                metrics.http_seconds.labels(method, template),
+                metrics.http_requests.labels(method, template, str(status)),
+            )
+        found[0].observe(seconds)
+        found[1].inc()
 
 
 class _Exchange:
@@ -263,4 +270,10 @@ def _request_id(scope: Scope) -> str:
             if _GOOD_ID.fullmatch(text):
                 return text
             break
-    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID
+    # Unique, not secret: a seeded PRNG rather than a syscall per request.
+    return f"{_ids.getrandbits(128):032x}"
+
+
+_ids = random.Random()  # seeded from os.urandom; re-seeded in forked children
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.seed)

@@ -173,15 +173,20 @@ class Runtime:
         the error kept in the scope so a route that needs a user answers 401
         with the reason, while public routes still work.
         """
-        value = next((v for n, v in scope["headers"] if n == b"authorization"), None)
+        value = None
+        for name, raw in scope["headers"]:
+            if name == b"authorization":
+                value = raw
+                break
         if value is None:
             return None
         scheme, _, token = value.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             scope["tenfold.auth_error"] = "the Authorization header must be 'Bearer <token>'"
             return None
         try:
-            claims = self.tokens.verify(token.strip())
+            claims = self.tokens.verify(token)
         except TenfoldError as exc:
             scope["tenfold.auth_error"] = getattr(exc, "reason", None) or str(exc)
             return None

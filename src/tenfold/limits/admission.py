@@ -230,6 +230,8 @@ class AdmissionController:
         self.retry_after_s = retry_after_s
         self._clock = clock or time.monotonic
         self._in_flight = 0
+        self._allowed_at = -1  # the limit `_allowed_by` was computed for
+        self._allowed_by: dict[str, int] = {}
         # A heap, best first; entries whose future is done (timed out, cancelled)
         # are dropped when they reach the top.
         self._waiters: list[tuple[int, int, str, asyncio.Future[None]]] = []
@@ -251,7 +253,21 @@ class AdmissionController:
         return self._algorithm.limit
 
     def _allowed(self, priority: str) -> int:
-        return max(1, math.floor(self._algorithm.limit * self._shares[priority]))
+        limit = self._algorithm.limit
+        if limit != self._allowed_at:  # the shares' slots, recomputed when the limit moves
+            self._allowed_at = limit
+            self._allowed_by = {p: max(1, math.floor(limit * s)) for p, s in self._shares.items()}
+        return self._allowed_by[priority]
+
+    def _take_at_once(self, priority: str) -> bool:
+        """The common case, without a coroutine: nobody waits and a slot is free."""
+        allowed = (
+            self._allowed_by.get(priority) if self._algorithm.limit == self._allowed_at else None
+        )
+        if allowed is not None and self._in_flight < allowed:
+            self._in_flight += 1
+            return True
+        return False
 
     def _shed(self, priority: str) -> Overloaded:
         metrics.admission_shed.labels(priority).inc()
@@ -338,7 +354,8 @@ class _Admission:
 
     async def __aenter__(self) -> None:
         c = self._controller
-        await c._acquire(self._priority)
+        if c._queued or not c._take_at_once(self._priority):
+            await c._acquire(self._priority)
         self._in_flight = c._in_flight
         self._start = c._clock()
 

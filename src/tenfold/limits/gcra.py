@@ -25,7 +25,7 @@ Invariants (tests/unit/test_gcra.py checks them with Hypothesis):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tenfold.limits.rules import Rule
 
@@ -40,9 +40,9 @@ __all__ = ["EPSILON_S", "Decision", "decide"]
 EPSILON_S = 1e-4
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer to one rate-limit check.
+class Decision(NamedTuple):
+    """The answer to one rate-limit check (a NamedTuple: one is made per request,
+    and a frozen dataclass pays an `object.__setattr__` per field).
 
     Attributes:
         allowed: whether the request may proceed.

@@ -51,7 +51,8 @@ class RateLimiter:
             RateLimitError: unknown rule, or a cost the rule could never allow.
         """
         rule = self.rule(rule_name)
-        _check_cost(rule_name, rule, cost)
+        if cost != 1:  # every rule's burst is at least 1
+            _check_cost(rule_name, rule, cost)
         return await self.storage.decide(f"{rule_name}:{subject}", rule, cost)
 
     async def check_many(self, checks: Sequence[tuple[str, str, int]]) -> list[Decision]:

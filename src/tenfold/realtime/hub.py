@@ -189,6 +189,16 @@ class Hub:
         p.check_channel(channel)
         return await self.broker.publish(channel, orjson.dumps(data), ephemeral=ephemeral)
 
+    async def publish_json(
+        self, channel: str, payload: bytes, *, ephemeral: bool = False
+    ) -> int | None:
+        """`publish` for data already encoded as one JSON document, such as the
+        payload of an event emitted with a JSON-able payload: it is passed on as
+        it is, without a decode and a re-encode per event. Not validated: bytes
+        that are not JSON reach clients as a broken frame."""
+        p.check_channel(channel)
+        return await self.broker.publish(channel, payload, ephemeral=ephemeral)
+
     def _deliver(self, channel: str, offset: int | None, text: str, at: float) -> None:
         if offset is None and p.is_presence_frame(text):
             subs = self.watchers.get(channel)
