@@ -659,19 +659,20 @@ class TieredCache:
         if self.cluster_lock:
             token = uuid.uuid4().hex
             won = await self._try_lock(lock_key, token)
-            if won is False:
-                peer, took_over = await self._wait_for_peer(full, lock_key, token, known)
+            waited = won is False
+            if waited:
+                peer, won = await self._wait_for_peer(full, lock_key, token, known)
                 if peer is not None:
                     return peer
-                if not took_over:
-                    token = None  # waited lock_ttl_s: load without the lock
-            elif won is None:
-                token = None
-            else:  # won: a holder may have stored and released between our L2 miss and now
+            if not won:
+                token = None  # L2 unreachable, or waited lock_ttl_s: load without the lock
+            else:  # a holder may have stored and released between our last L2 read and now
                 peer = self._peer_value(full, await self._l2_get(full), known)
                 if peer is not None:
                     await self._timed("lock", self.l2.unlock(lock_key, token))
                     return peer
+                if waited:
+                    self._lock_outcomes["took_over"].inc()
         try:
             return await self._run_loader(full, key, loader, policy)
         finally:
@@ -707,7 +708,7 @@ class TieredCache:
     async def _wait_for_peer(
         self, full: str, lock_key: str, token: str, known: float
     ) -> tuple[_Meta | None, bool]:
-        """Poll L2 for the lock holder's value: (value, False), or (None, took the lock over?)."""
+        """Poll L2 for the lock holder's value: (value, False), or (None, got the lock?)."""
         deadline = time.monotonic() + self.lock_ttl_s
         delay = _POLL_FIRST_S
         while True:
@@ -720,8 +721,6 @@ class TieredCache:
                 return None, False
             won = await self._timed("lock", self.l2.try_lock(lock_key, token, self.lock_ttl_s))
             if won is not False:  # the holder's lease ended (or L2 is down): load here
-                if won:
-                    self._lock_outcomes["took_over"].inc()
                 return None, bool(won)
             delay = min(delay * 2, _POLL_MAX_S)
 
