@@ -120,7 +120,7 @@ async def send_message(
     author_id = int(user.subject)
     author = user.claims.get("name", user.subject)
     now = time.time()
-    message_id = rt.db.new_id(rid)
+    message_id = rt.db.new_id_beside(rid)  # routes like its room
     row = {
         "id": message_id,
         "room_id": rid,

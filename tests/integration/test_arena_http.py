@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tenfold.gateway.idempotency import KEY_PATTERN
+from tenfold.ids import slot_of_id
 from tests.integration.arena_support import (
     Arena,
     assert_problem,
@@ -104,6 +105,8 @@ async def test_only_members_read_and_post(arena: Arena) -> None:
     url = f"/rooms/{room['id']}/messages"
     r = await arena.client.post(url, json={"body": "for members"}, headers=alice.headers)
     assert r.status_code == 201
+    # a message id routes to its room's shard, like the room id
+    assert slot_of_id(int(r.json()["id"])) == slot_of_id(int(room["id"]))
     assert_problem(await arena.client.get(url, headers=eve.headers), 403)
     assert_problem(await arena.client.post(url, json={"body": "x"}, headers=eve.headers), 403)
     r = await arena.client.get(url, headers=alice.headers)

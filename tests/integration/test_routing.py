@@ -6,6 +6,7 @@ import pytest
 
 from tenfold import slot_of
 from tenfold.errors import QueryError
+from tenfold.ids import slot_of_id
 
 KEYS = [f"user-{i}" for i in range(200)]
 
@@ -55,6 +56,19 @@ async def test_shard_for_id_reaches_the_keys_shard(make_db):
         async with db.shard_for_id(id_) as by_id, db.shard_for(key) as by_key:
             assert by_id.shard == by_key.shard == db.shard_name_for(key)
             assert by_id.slot == slot_of(key)
+
+
+async def test_new_id_beside_shares_its_parents_slot_and_shard(make_db):
+    db = await make_db(shards=4)
+    moved = 0
+    for key in KEYS[:50]:
+        parent = db.new_id(key)
+        child = db.new_id_beside(parent)
+        assert child != parent and slot_of_id(child) == slot_of_id(parent) == slot_of(key)
+        async with db.shard_for_id(child) as a, db.shard_for_id(parent) as b:
+            assert a.shard == b.shard
+        moved += slot_of_id(db.new_id(parent)) != slot_of_id(parent)  # hashing the number
+    assert moved > 40  # what new_id(parent) would have done instead
 
 
 async def test_insert_without_a_slot_is_refused(make_db):

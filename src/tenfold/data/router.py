@@ -358,6 +358,14 @@ class ShardedDatabase:
             raise KeyspaceError("ids need a leased worker: open the database with ids=True")
         return self._ids.next_id(key)
 
+    def new_id_beside(self, id_: int) -> int:
+        """A new id in the slot of the tenfold id `id_`: for a row that lives with
+        its parent, such as a room's messages, so both route to the same shard.
+        (`new_id(id_)` would hash the number as a key and land in another slot.)"""
+        if self._ids is None:
+            raise KeyspaceError("ids need a leased worker: open the database with ids=True")
+        return self._ids.next_id_for_slot(slot_of_id(id_))
+
     async def _renew_lease(self, lease_s: float) -> None:
         while self._lease is not None:
             await asyncio.sleep(lease_s / 3)
