@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tenfold.errors import ConfigError
+from tenfold.errors import ConfigError, RateLimitError
 from tenfold.limits import LimiterStorage, MemoryStorage, RateLimiter, Rule, from_url
 from tenfold.limits.redis import OnError, RedisStorage
 
@@ -58,6 +58,23 @@ async def test_burst_then_refusal(make_storage: MakeStorage) -> None:
     assert refused.remaining == 0
     assert 0.05 < refused.retry_after_s <= 0.1 + 1e-3  # about T, less the time spent
     assert (await storage.decide("user:2", TEN_PER_S)).allowed  # keys are independent
+
+
+async def test_check_now_answers_in_process_or_defers(make_storage: MakeStorage) -> None:
+    storage = make_storage()
+    limiter = RateLimiter({"api": "10/second burst 10 per user"}, storage)
+    first = limiter.check_now("api", "u1")
+    if isinstance(storage, MemoryStorage):
+        assert first is not None and first.allowed and first.remaining == 9
+        # the same bucket as check: nine more, then refused
+        later = [await limiter.check("api", "u1") for _ in range(10)]
+        assert [d.allowed for d in later] == [True] * 9 + [False]
+        assert limiter.check_now("api", "u1").allowed is False  # type: ignore[union-attr]
+    else:
+        assert first is None  # nothing counted: the caller awaits check instead
+        assert (await limiter.check("api", "u1")).remaining == 9
+    with pytest.raises(RateLimitError, match="unknown rate-limit rule"):
+        limiter.check_now("nope", "u1")
 
 
 async def test_refill_after_waiting(make_storage: MakeStorage) -> None:

@@ -91,8 +91,8 @@ def install(app: Starlette, runtime: Runtime | None = None) -> Runtime:
 
 def runtime_of(request: Request) -> Runtime:
     """The runtime `install` attached to the request's app."""
-    runtime: Runtime = request.app.state.tenfold
-    return runtime
+    runtime: Runtime | None = request.scope.get("tenfold.runtime")  # set by the middleware
+    return runtime if runtime is not None else request.app.state.tenfold
 
 
 def _validation_handler(app: Starlette) -> None:

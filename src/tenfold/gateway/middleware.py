@@ -92,6 +92,7 @@ class TenfoldMiddleware:
         started = time.perf_counter()
         rid = _request_id(scope)
         scope["tenfold.request_id"] = rid
+        scope["tenfold.runtime"] = self.runtime  # runtime_of reads it here
         token = request_id_var.set(rid)
         exchange = _Exchange(send, rid)
         self.in_flight += 1
@@ -208,7 +209,11 @@ class TenfoldMiddleware:
             return None
         limiter = self.runtime.limiter
         if len(rules) == 1:
-            results = [await limiter.check(rules[0], subject)]
+            # in-process storage answers without a coroutine; Redis is awaited
+            only = limiter.check_now(rules[0], subject)
+            if only is None:
+                only = await limiter.check(rules[0], subject)
+            results = [only]
         else:
             results = await limiter.check_many([(name, subject, 1) for name in rules])
         exchange.decision = min(results, key=_tightness) if len(results) > 1 else results[0]

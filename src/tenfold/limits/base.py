@@ -44,6 +44,11 @@ class LimiterStorage(abc.ABC):
             cost: how many requests this one counts for (>= 1).
         """
 
+    def decide_now(self, key: str, rule: Rule, cost: int = 1) -> Decision | None:
+        """`decide` without awaiting, when this storage decides in-process; else None
+        (the caller then awaits `decide`). The memory storage overrides it."""
+        return None
+
     async def decide_many(self, items: Sequence[DecideItem]) -> list[Decision]:
         """Decide every (key, rule, cost) in `items`, in order, as one batch.
 

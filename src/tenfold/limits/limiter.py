@@ -55,6 +55,15 @@ class RateLimiter:
             _check_cost(rule_name, rule, cost)
         return await self.storage.decide(f"{rule_name}:{subject}", rule, cost)
 
+    def check_now(self, rule_name: str, subject: str) -> Decision | None:
+        """`check` of a unit request without awaiting, when the storage decides
+        in-process (memory); None when it cannot (Redis): then await `check`.
+
+        Raises:
+            RateLimitError: unknown rule.
+        """
+        return self.storage.decide_now(f"{rule_name}:{subject}", self.rule(rule_name))
+
     async def check_many(self, checks: Sequence[tuple[str, str, int]]) -> list[Decision]:
         """Several (rule_name, subject, cost) checks in one storage batch, in order.
 
