@@ -24,6 +24,10 @@ import xxhash
 
 from tenfold.errors import KeyspaceError, TopologyError
 
+# A tuple for isinstance, not `bytes | bytearray | memoryview`: that union is
+# built again at every call on the hot paths that test for it.
+BYTES_LIKE = (bytes, bytearray, memoryview)
+
 __all__ = ["SLOTS", "Key", "SlotRange", "Topology", "canonical_bytes", "slot_of"]
 
 SLOTS = 4096
@@ -62,7 +66,7 @@ def canonical_bytes(key: Key) -> bytes:
         return b"s" + str.encode(key, "utf-8", "surrogatepass")
     if isinstance(key, int):
         return canonical_bytes(int(key))
-    if isinstance(key, bytes | bytearray | memoryview):
+    if isinstance(key, BYTES_LIKE):
         return b"b" + bytes(key)
     raise TypeError(f"shard key must be str, int, bytes or UUID, got {kind.__name__}")
 

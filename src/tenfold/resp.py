@@ -44,6 +44,7 @@ import hiredis
 
 from tenfold.config import redact_url
 from tenfold.errors import ConfigError
+from tenfold.keyspace import BYTES_LIKE
 
 __all__ = ["Arg", "RespClient", "RespConnectionError", "RespReplyError", "pack", "pack_bulk"]
 
@@ -79,7 +80,7 @@ def pack(args: Sequence[Arg]) -> bytes:
             data = b"%d" % arg
         elif type(arg) is float:
             data = repr(arg).encode()
-        elif isinstance(arg, bytes | bytearray | memoryview):
+        elif isinstance(arg, BYTES_LIKE):
             data = bytes(arg)
         elif isinstance(arg, str):
             data = str(arg).encode()

