@@ -324,3 +324,36 @@ async def test_insert_together_is_all_or_nothing(make_db):
         notes = [r["note"] for r in await conn.fetch("SELECT note FROM log ORDER BY note")]
     assert [r["k"] for r in rows] == ["a", "c"] and notes == ["a", "c"]
     assert all(r["slot"] == conn.slot for r in rows)  # sharded rows get the key's slot
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.timeout(30)
+async def test_release_in_place_returns_connections_even_when_cancelled(make_db, monkeypatch):
+    import asyncpg
+
+    async def shielded(*args, **kwargs):
+        raise AssertionError("released through asyncpg's shielded Pool.release")
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "release", shielded)
+    db = await make_db(shards=1, pool_min_size=1, pool_max_size=1, pool_acquire_timeout_s=2)
+    for _ in range(3):  # the one connection goes back each time, without the shield
+        async with db.shard("s0") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    inside = asyncio.Event()
+
+    async def stuck() -> None:
+        async with db.shard("s0") as conn, conn.transaction():
+            inside.set()
+            await conn.execute("SELECT pg_sleep(10)")
+
+    task = asyncio.create_task(stuck())
+    await inside.wait()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with db.shard("s0") as conn:  # the only connection, back and usable
+        assert await conn.fetchval("SELECT 2") == 2
+        assert not conn.in_transaction
+    assert db.pool("s0").stats().in_use == 0
