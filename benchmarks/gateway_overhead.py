@@ -24,7 +24,9 @@ database (`TENFOLD_SHARD_COUNT=1`, events `memory://`, pool 10 connections):
 - "arena, auth only": the same app with tenfold's middleware replaced by a
   minimal one that only verifies the JWT (the handler needs the principal):
   full minus this side is the cost of the middleware, this side minus bare is
-  the app's own work (membership, transaction, outbox, relay).
+  the app's own work (membership, transaction, outbox, relay). It runs on its
+  own two databases: on arena's, arena's relay (holding the outbox lease)
+  would publish this side's events on arena's CPU, not this side's.
 
 Why it is fair: same server, worker count, loop, HTTP parser, database,
 table, pool size, request body and client; the servers run side by side and
