@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -156,7 +157,8 @@ class AccessTokens:
         self.key_id = key_id
         self._clock = clock
         self._cache_size = max(0, cache_size)
-        self._verified: dict[str, Claims] = {}
+        # OrderedDict: evicting from the front of a plain dict skips its deleted slots
+        self._verified: OrderedDict[str, Claims] = OrderedDict()
         self._signing: Any
         self._verifying: Any
         if algorithm == "HS256":
@@ -296,7 +298,7 @@ class AccessTokens:
         if self._cache_size:
             if len(self._verified) >= self._cache_size:
                 # Oldest first: dicts keep insertion order, and old tokens expire first.
-                del self._verified[next(iter(self._verified))]
+                self._verified.popitem(last=False)
             self._verified[token] = claims
         return claims
 
