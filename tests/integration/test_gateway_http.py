@@ -99,9 +99,15 @@ async def test_metrics_label_by_route_template(tmp_path: Path) -> None:
     async with served(tmp_path) as client:
         for n in (101, 202, 303):
             assert (await client.get(f"/items/{n}")).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/no/such/path")).status_code == 404
         text = (await client.get("/metrics")).text
     lines = [ln for ln in text.splitlines() if ln.startswith("tenfold_http_requests_total{")]
     assert any('route="/items/{item_id}"' in ln and 'status="200"' in ln for ln in lines), lines
+    # the probes by their path, not "unmatched"; a path with no route is "unmatched"
+    assert any('route="/healthz"' in ln and 'status="200"' in ln for ln in lines), lines
+    assert any('route="unmatched"' in ln and 'status="404"' in ln for ln in lines), lines
+    assert not any('route="unmatched"' in ln and 'status="200"' in ln for ln in lines), lines
     assert not any("/items/101" in ln for ln in lines)
     counted = [
         float(ln.rsplit(" ", 1)[1])

@@ -225,7 +225,9 @@ class TenfoldMiddleware:
         return refused
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        template = getattr(scope.get("route"), "path", None) or "unmatched"
+        template = getattr(scope.get("route"), "path", None)
+        if template is None:  # Starlette routes (the probes) leave no route in the scope
+            template = scope["path"] if scope["path"] in CRITICAL_PATHS else "unmatched"
         key = (scope.get("method", "GET"), template, status)
         found = self._red.get(key)
         if found is None:  # bounded: methods x route templates x status codes
