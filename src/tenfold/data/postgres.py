@@ -262,7 +262,7 @@ class _Acquire:
         p._in_use -= 1
         raw = self._raw
         holder = getattr(raw, "_holder", None) if p._release_in_place else None
-        con = getattr(raw, "_con", None)
+        con = getattr(raw, "_con", None) if holder is not None else None
         if holder is not None and con is not None:
             # What asyncpg's Pool.release does, minus its asyncio.shield: that runs
             # the release in a new task, two more loop steps per query (~40 µs of

@@ -354,17 +354,18 @@ class ShardedDatabase:
 
     def new_id(self, key: Key) -> int:
         """A new 64-bit, time-ordered id in `key`'s slot (see `tenfold.ids`)."""
-        if self._ids is None:
-            raise KeyspaceError("ids need a leased worker: open the database with ids=True")
-        return self._ids.next_id(key)
+        return self._id_generator().next_id(key)
 
     def new_id_beside(self, id_: int) -> int:
         """A new id in the slot of the tenfold id `id_`: for a row that lives with
         its parent, such as a room's messages, so both route to the same shard.
         (`new_id(id_)` would hash the number as a key and land in another slot.)"""
+        return self._id_generator().next_id_for_slot(slot_of_id(id_))
+
+    def _id_generator(self) -> IdGenerator:
         if self._ids is None:
             raise KeyspaceError("ids need a leased worker: open the database with ids=True")
-        return self._ids.next_id_for_slot(slot_of_id(id_))
+        return self._ids
 
     async def _renew_lease(self, lease_s: float) -> None:
         while self._lease is not None:

@@ -73,8 +73,9 @@ class _Topic:
     partitions: list[_Partition]
     seq: int = 0
     bytes: int = 0
-    # An OrderedDict: its front is O(1) to read after deletions; a dict's front
-    # skips every deleted slot, and expiring a busy window cost ~100 ms pauses.
+    # An OrderedDict: its front is O(1) to read after deletions, where a dict's
+    # skips every deleted slot (~1 ms per publish batch at 3,000 events/s, and
+    # arena's p99 at 80-108 ms once the 120 s window began to expire).
     seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
     groups: dict[str, list[int]] = field(default_factory=dict)
     locks: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
@@ -90,9 +91,9 @@ class MemoryStreams(StreamBackend):
     newest `keep_delivered` events that every consumer group has passed (all of
     them count as passed while the topic has no group); events some group has
     yet to handle are always kept. Without that bound a busy process held every
-    event for `max_age_s` (7 days by default) in its heap, and each full garbage
-    collection walked them all: arena's p99 grew from 10 to 80 ms within a
-    minute of load. A group started later from `everything` sees what is kept.
+    event for `max_age_s` (7 days by default) in its heap: memory grew without
+    end, and so did the work of each full garbage collection. A group started
+    later from `everything` sees what is kept.
     """
 
     def __init__(

@@ -260,11 +260,9 @@ class AdmissionController:
         return self._allowed_by[priority]
 
     def _take_at_once(self, priority: str) -> bool:
-        """The common case, without a coroutine: nobody waits and a slot is free."""
-        allowed = (
-            self._allowed_by.get(priority) if self._algorithm.limit == self._allowed_at else None
-        )
-        if allowed is not None and self._in_flight < allowed:
+        """The common case, without a coroutine: a known class and a free slot
+        (the caller checked that nobody waits). Anything else goes to `_acquire`."""
+        if priority in self._shares and self._in_flight < self._allowed(priority):
             self._in_flight += 1
             return True
         return False
