@@ -7,11 +7,14 @@ Typical guard around one call to a dependency, outermost first::
         async with breakers.get("shard:s3"), bulkhead, deadline(1.0, what="load on s3"):
             return await shard.fetchrow(...)
 
-Retries use tenacity (see `tenfold.resilience.retry` for why).
+Retries of one call use tenacity (see `tenfold.resilience.retry` for why);
+loops that retry for as long as the process lives (relays, consumers
+attaching, reconnecting clients) wait `Backoff.next_s()` between tries.
 """
 
 from __future__ import annotations
 
+from tenfold.resilience.backoff import Backoff
 from tenfold.resilience.breaker import (
     BreakerMachine,
     BreakerPolicy,
@@ -26,6 +29,7 @@ from tenfold.resilience.timeout import deadline
 
 __all__ = [
     "DEFAULT_RETRY_ON",
+    "Backoff",
     "BreakerMachine",
     "BreakerPolicy",
     "BreakerRegistry",
