@@ -225,6 +225,8 @@ class Settings(BaseSettings):
     auth_issuer: str = "tenfold"
     auth_audience: str = "tenfold-app"
     access_ttl_s: float = 900.0
+    # Verified tokens claiming a longer life (exp - iat, or exp - now) are refused.
+    access_token_max_lifetime_s: float = 3600.0
     refresh_ttl_s: float = 30 * 86400.0
     password_profile: str = "default"
     log_format: str = "json"
@@ -353,6 +355,12 @@ class Settings(BaseSettings):
                 "TENFOLD_CONSUMER_INITIAL_BACKOFF_S",
                 f"{self.consumer_initial_backoff_s} is above TENFOLD_CONSUMER_MAX_BACKOFF_S "
                 f"({self.consumer_max_backoff_s})",
+            )
+        if not self.access_ttl_s <= self.access_token_max_lifetime_s <= 7 * 86400:
+            raise ConfigError(
+                "TENFOLD_ACCESS_TOKEN_MAX_LIFETIME_S",
+                f"must be from TENFOLD_ACCESS_TTL_S ({self.access_ttl_s}) to 604800 s, "
+                f"got {self.access_token_max_lifetime_s}",
             )
         if self.statement_cache_size < 0:
             raise ConfigError("TENFOLD_STATEMENT_CACHE_SIZE", "must be >= 0")

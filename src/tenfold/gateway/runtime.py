@@ -102,6 +102,7 @@ class Runtime:
             issuer=s.auth_issuer,
             audience=s.auth_audience,
             ttl_s=s.access_ttl_s,
+            max_lifetime_s=s.access_token_max_lifetime_s,
         )
         self.refresh = RefreshTokens(self.db, ttl_s=s.refresh_ttl_s)
         profiles = {"default": OWASP, "testing": TESTING}

@@ -8,6 +8,9 @@ Invariants:
   audience must match; `exp`/`nbf`/`iat` are checked with `leeway_s` of clock
   skew. The header must say `typ: at+jwt` (RFC 9068), so another kind of JWT
   signed with the same key is not taken for an access token.
+- A token lives at most `max_lifetime_s`: one whose `exp - iat`, or whose
+  `exp - now`, is longer is refused. A leaked key or a buggy issuer must not
+  mint tokens that outlive every rotation (an `exp` of 2^80 passes PyJWT).
 - HS256 secrets have at least 32 bytes; asymmetric keys must be of the
   algorithm's type (Ed25519 for EdDSA, P-256 for ES256), else `ConfigError`.
 - Every refusal is a `TokenInvalid` (or `TokenExpired`) whose `reason` is safe
@@ -117,6 +120,8 @@ class AccessTokens:
             costs more than the rest of a small request; Envoy's jwt_authn
             keeps such a cache too. A hit is the exact same token string, and
             its expiry is still checked on every use.
+        max_lifetime_s: the longest lifetime a verified token may claim
+            (`exp - iat`, and `exp` counted from now); at least `ttl_s`.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class AccessTokens:
         key_id: str | None = None,
         clock: Callable[[], float] = time.time,
         cache_size: int = 4096,
+        max_lifetime_s: float = 3600.0,
     ) -> None:
         if algorithm not in ALGORITHMS:
             raise ConfigError(
@@ -149,11 +155,18 @@ class AccessTokens:
             )
         if not 0 <= leeway_s <= 300:
             raise ConfigError("AccessTokens.leeway_s", f"must be in [0, 300] s, got {leeway_s}")
+        if not ttl_s <= max_lifetime_s <= 7 * 86_400:
+            raise ConfigError(
+                "AccessTokens.max_lifetime_s",
+                f"must be in [ttl_s ({ttl_s}), 604800] s, got {max_lifetime_s}: tokens this "
+                "process issues must pass its own check",
+            )
         self.algorithm = algorithm
         self.issuer = issuer
         self.audience = audience
         self.ttl_s = ttl_s
         self.leeway_s = leeway_s
+        self.max_lifetime_s = max_lifetime_s
         self.key_id = key_id
         self._clock = clock
         self._cache_size = max(0, cache_size)
@@ -342,7 +355,19 @@ class AccessTokens:
             raise TokenInvalid("malformed access token") from None
         except (ValueError, TypeError):  # a hostile payload PyJWT did not anticipate
             raise TokenInvalid("malformed access token") from None
-        return _claims(payload)
+        claims = _claims(payload)
+        self._check_lifetime(claims)
+        return claims
+
+    def _check_lifetime(self, claims: Claims) -> None:
+        # PyJWT checks that exp is in the future and iat not, never how far apart
+        # they are; the leeway covers the skew between the issuer's clock and ours.
+        bound = self.max_lifetime_s + self.leeway_s
+        if claims.expires_at - claims.issued_at > bound or claims.expires_at - time.time() > bound:
+            raise TokenInvalid(
+                f"access token lifetime exceeds the {self.max_lifetime_s:g} s allowed; "
+                "log in again for a new token"
+            )
 
 
 def _claims(payload: dict[str, Any]) -> Claims:
