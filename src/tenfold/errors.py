@@ -10,10 +10,14 @@ to the most specific error below. Every message names the thing that failed
     │   └── TopologyError      a slot unowned or owned twice, an unknown shard
     ├── StaleEpoch             a topology write lost a race with a newer epoch
     ├── DataError              a shard answered with an error
-    │   ├── ShardUnavailable   a shard (or replica) could not be reached in time
+    │   ├── ShardUnavailable   a shard (or replica) could not be reached in time,
+    │   │                      or its circuit breaker is open (fail fast)
     │   ├── ShardTimeout       a query ran past its timeout
+    │   │   └── ShardBusy      the shard's bulkhead was full: the request was not run
     │   ├── QueryError         the shard rejected a statement (syntax, types, ...)
-    │   │   └── ConstraintViolation  a unique, foreign-key or check constraint
+    │   │   ├── ConstraintViolation  a unique, foreign-key or check constraint
+    │   │   └── InvalidValue   a value the database cannot store (NUL in text,
+    │   │                      a number out of range): a 4xx, not a server fault
     │   ├── ScatterError       some shards of a scatter failed (partial=False)
     │   └── MigrationError     a migration failed or was changed after applying
     ├── EventError             the event log refused or failed an operation
@@ -51,6 +55,7 @@ __all__ = [
     "DeadlineExceeded",
     "EventError",
     "InvalidCredentials",
+    "InvalidValue",
     "KeyspaceError",
     "MigrationError",
     "MissingDependency",
@@ -62,6 +67,7 @@ __all__ = [
     "RateLimitError",
     "ResilienceError",
     "ScatterError",
+    "ShardBusy",
     "ShardTimeout",
     "ShardUnavailable",
     "StaleEpoch",
@@ -116,11 +122,19 @@ class DataError(TenfoldError):
 
 
 class ShardUnavailable(DataError):
-    """A shard or replica could not be reached within the connect timeout."""
+    """A shard or replica could not be reached within the connect timeout.
 
-    def __init__(self, shard: str, url: str, reason: str) -> None:
+    Also raised, without contacting the shard, while its circuit breaker is
+    open; `retry_after_s` then says when the next probe is let through (the
+    gateway's Retry-After).
+    """
+
+    def __init__(
+        self, shard: str, url: str, reason: str, *, retry_after_s: float | None = None
+    ) -> None:
         self.url = url
         self.reason = reason
+        self.retry_after_s = retry_after_s
         what = "the catalog" if shard == "catalog" else f"shard {shard}"
         super().__init__(
             f"{what} at {url} is unavailable: {reason}; "
@@ -141,6 +155,23 @@ class ShardTimeout(DataError):
         )
 
 
+class ShardBusy(ShardTimeout):
+    """Every slot of the shard's bulkhead was taken and none freed in time.
+
+    The request was not run: the shard is slow or stalled, and queueing more
+    work behind it would only tie up the process (and its admission budget).
+    """
+
+    def __init__(self, shard: str, max_concurrent: int, max_wait_s: float) -> None:
+        self.max_concurrent = max_concurrent
+        self.max_wait_s = max_wait_s
+        super().__init__(
+            shard,
+            max_wait_s,
+            f"waiting for one of the {max_concurrent} request slots (the bulkhead)",
+        )
+
+
 class QueryError(DataError):
     """The shard rejected a statement; the driver's message is kept."""
 
@@ -152,6 +183,21 @@ class QueryError(DataError):
 
 class ConstraintViolation(QueryError):
     """A unique, foreign-key, not-null or check constraint refused the write."""
+
+
+class InvalidValue(QueryError):
+    """A value the database cannot store: a NUL character in text, a number out of range.
+
+    Caused by the input, not by the server: the gateway answers 422 with
+    `reason`, which is tenfold's own wording and never the driver's text.
+    """
+
+    http_status = 422
+    slug = "invalid-value"
+
+    def __init__(self, shard: str, problem: str, *, sql: str | None = None) -> None:
+        self.reason = f"a value in the request cannot be stored: {problem}"
+        super().__init__(shard, f"{self.reason}; nothing was written", sql=sql)
 
 
 class ScatterError(DataError):

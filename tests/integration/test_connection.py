@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from tenfold.errors import ConstraintViolation, QueryError, ShardTimeout
+from tenfold.errors import (
+    ConstraintViolation,
+    InvalidValue,
+    QueryError,
+    ShardTimeout,
+    ShardUnavailable,
+)
 
 TABLE = "CREATE TABLE kv (slot INT NOT NULL, k TEXT PRIMARY KEY, v INT NOT NULL)"
 
@@ -357,3 +363,54 @@ async def test_release_in_place_returns_connections_even_when_cancelled(make_db,
         assert await conn.fetchval("SELECT 2") == 2
         assert not conn.in_transaction
     assert db.pool("s0").stats().in_use == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a\x00b", "\x00", "tail\x00"],
+    ids=["middle", "alone", "end"],
+)
+async def test_nul_in_text_is_an_invalid_value_on_every_backend(make_db, value):
+    """PostgreSQL cannot store U+0000 in text; SQLite could, so it refuses it too."""
+    db = await _db_with_table(make_db)
+    async with db.shard("s0") as conn:
+        sql = "INSERT INTO kv (slot, k, v) VALUES (0, $1, 1)"
+        with pytest.raises(InvalidValue) as exc_info:
+            await conn.execute(sql, value)
+        err = exc_info.value
+        assert err.shard == "s0" and err.http_status == 422
+        assert "NUL" in err.reason and "0x00" not in err.reason  # our words, not the driver's
+        with pytest.raises(InvalidValue):
+            await conn.executemany(sql, [("fine",), (value,)])
+        with pytest.raises(InvalidValue):
+            await conn.fetchval("SELECT v FROM kv WHERE k = $1", value)
+        assert await conn.fetchval("SELECT COUNT(*) FROM kv") == 0  # nothing was written
+
+
+async def test_integer_out_of_range_is_an_invalid_value_on_every_backend(make_db):
+    db = await _db_with_table(make_db)
+    async with db.shard("s0") as conn:
+        with pytest.raises(InvalidValue) as exc_info:
+            await conn.fetchval("SELECT k FROM kv WHERE slot = $1", 2**63)
+        assert "out of range" in exc_info.value.reason
+        assert "9223372036854775808" not in exc_info.value.reason
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.timeout(30)
+async def test_backend_killed_mid_query_is_shard_unavailable(make_db):
+    """A terminated server process is a 503-worthy ShardUnavailable, never a raw driver error."""
+    db = await _db_with_table(make_db)
+    async with db.shard("s0") as side, db.shard("s0") as conn:
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        query = asyncio.create_task(conn.execute("SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.2)
+        await side.execute("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(ShardUnavailable) as exc_info:
+            await query
+        assert exc_info.value.shard == "s0"
+        with pytest.raises(ShardUnavailable):  # the dead connection, used again
+            await conn.fetchval("SELECT 1")
+    async with db.shard("s0") as conn:  # the pool replaced it
+        assert await conn.fetchval("SELECT 1") == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
@@ -28,10 +29,10 @@ from tenfold.data.base import (
     check_identifier,
     register_backend,
 )
+from tenfold.data.postgres_errors import map_error
 from tenfold.errors import (
-    ConstraintViolation,
+    DataError,
     MissingDependency,
-    QueryError,
     ShardTimeout,
     ShardUnavailable,
 )
@@ -42,9 +43,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependency("asyncpg", "postgres", "a postgresql:// URL") from exc
 
-__all__ = ["PostgresPool"]
 
-_UNREACHABLE = (OSError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError)
+__all__ = ["PostgresPool"]
 
 
 _NO_SPAN = nullcontext()
@@ -164,20 +164,7 @@ class PostgresConnection(Connection):
 def _map_error(
     pool: PostgresPool, exc: BaseException, sql: str, timeout: float | None
 ) -> Exception:
-    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
-        return ConstraintViolation(pool.name, str(exc), sql=sql)
-    if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
-        # QueryCanceledError: the server's statement_timeout fired.
-        return ShardTimeout(pool.name, timeout or pool.options.query_timeout_s)
-    if isinstance(exc, _UNREACHABLE):
-        return ShardUnavailable(pool.name, pool.safe_url, f"connection lost: {exc}")
-    # asyncpg's client-side DataError (an argument it cannot encode) is an
-    # InterfaceError and a ValueError: a bad query, not a lost connection.
-    if isinstance(exc, asyncpg.PostgresError | TypeError | ValueError):
-        return QueryError(pool.name, f"{type(exc).__name__}: {exc}", sql=sql)
-    if isinstance(exc, asyncpg.InterfaceError):
-        return ShardUnavailable(pool.name, pool.safe_url, f"connection lost: {exc}")
-    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+    return map_error(pool.name, pool.safe_url, timeout or pool.options.query_timeout_s, exc, sql)
 
 
 class _Waiter:
@@ -247,9 +234,15 @@ class _Acquire:
                     raise p._waited_too_long(pool) from None
                 finally:
                     waiter.done = True
-        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+        except DataError:
             p._in_use -= 1
-            raise ShardUnavailable(p.name, p.safe_url, str(exc)) from exc
+            raise
+        except Exception as exc:
+            # Whatever asyncpg raised while handing out (or connecting) a
+            # connection means the shard cannot serve this request now.
+            p._in_use -= 1
+            reason = str(exc) or type(exc).__name__
+            raise ShardUnavailable(p.name, p.safe_url, reason) from exc
         except BaseException:  # cancelled too: give the reservation back
             p._in_use -= 1
             raise
@@ -270,10 +263,16 @@ class _Acquire:
             # the release does no I/O unless a transaction was left open, so there
             # is nothing to shield; if a cancellation lands in that ROLLBACK,
             # asyncpg terminates the connection and frees its slot.
-            con._on_release()
-            await holder.release(holder._timeout)
+            try:
+                con._on_release()
+                await holder.release(holder._timeout)
+            except Exception as exc:
+                raise _map_error(p, exc, "(release)", None) from exc
             return
-        await p._pool.release(raw)
+        try:
+            await p._pool.release(raw)
+        except Exception as exc:
+            raise _map_error(p, exc, "(release)", None) from exc
 
 
 class Listener:
@@ -347,7 +346,7 @@ class PostgresPool(Pool):
             reason = f"no connection within {opts.connect_timeout_s:g} s"
         except asyncpg.InvalidCatalogNameError:
             reason = "the database does not exist; `tenfold db migrate` creates it"
-        except (*_UNREACHABLE, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # every driver error: the shard cannot serve now
             reason = str(exc) or type(exc).__name__
         raise ShardUnavailable(self.name, self.safe_url, reason)
 
@@ -412,7 +411,7 @@ class PostgresPool(Pool):
         try:
             raw = await asyncpg.connect(self.url, timeout=self.options.connect_timeout_s)
             await raw.add_listener(channel, callback)
-        except (TimeoutError, *_UNREACHABLE, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # every driver error: the server cannot be used now
             raise ShardUnavailable(self.name, self.safe_url, f"cannot LISTEN: {exc}") from exc
         return Listener(raw, self.options.connect_timeout_s)
 
@@ -425,17 +424,21 @@ class PostgresPool(Pool):
         admin = urlunsplit(parts._replace(path="/postgres"))
         try:
             conn = await asyncpg.connect(admin, timeout=self.options.connect_timeout_s)
-        except (TimeoutError, *_UNREACHABLE, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # every driver error: the server cannot be used now
             raise ShardUnavailable(self.name, self.safe_url, f"cannot reach server: {exc}") from exc
+        sql = "CREATE DATABASE"
         try:
             exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", dbname)
             if exists:
                 return False
             quoted = '"' + dbname.replace('"', '""') + '"'
             try:
-                await conn.execute(f"CREATE DATABASE {quoted}")
+                await conn.execute(f"{sql} {quoted}")
             except asyncpg.DuplicateDatabaseError:
                 return False
             return True
+        except Exception as exc:
+            raise _map_error(self, exc, sql, self.options.connect_timeout_s) from exc
         finally:
-            await conn.close()
+            with contextlib.suppress(Exception):  # a lost connection is closed already
+                await asyncio.wait_for(conn.close(), self.options.connect_timeout_s)

@@ -23,6 +23,7 @@ import aiosqlite
 from tenfold.data.base import Connection, Pool, PoolStats, Record, register_backend
 from tenfold.errors import (
     ConstraintViolation,
+    InvalidValue,
     QueryError,
     ShardTimeout,
     ShardUnavailable,
@@ -89,6 +90,7 @@ class SqliteConnection(Connection):
             return await self._run_bounded(sql, args, limit, fetch)
 
     async def _run_bounded(self, sql: str, args: Sequence[Any], limit: float, fetch: bool) -> Any:
+        _refuse_nul(self.shard, args, sql)
         try:
             async with asyncio.timeout(limit):
                 if fetch:
@@ -106,7 +108,7 @@ class SqliteConnection(Connection):
             # connection's thread and blocks every later use of the connection.
             await self._raw.interrupt()
             raise
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OverflowError) as exc:
             raise _map_error(self._pool, exc, sql) from exc
 
     async def execute(self, sql: str, *args: Any, timeout: float | None = None) -> int:
@@ -120,11 +122,14 @@ class SqliteConnection(Connection):
         self, sql: str, args: Iterable[Sequence[Any]], *, timeout: float | None = None
     ) -> None:
         limit = timeout if timeout is not None else self._pool.options.query_timeout_s
+        rows = list(args)
+        for row in rows:
+            _refuse_nul(self.shard, row, sql)
         try:
             async with self.transaction():
                 try:
                     async with asyncio.timeout(limit):
-                        await self._raw.executemany(to_sqlite_params(sql), list(args))
+                        await self._raw.executemany(to_sqlite_params(sql), rows)
                 except (TimeoutError, asyncio.CancelledError):
                     # Stop the statement before the rollback, which would
                     # otherwise queue behind it in the connection's thread.
@@ -132,7 +137,7 @@ class SqliteConnection(Connection):
                     raise
         except TimeoutError:
             raise ShardTimeout(self.shard, limit) from None
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OverflowError) as exc:
             raise _map_error(self._pool, exc, sql) from exc
 
     async def execute_script(self, sql: str) -> None:
@@ -187,8 +192,26 @@ class SqliteConnection(Connection):
             raise _map_error(self._pool, exc, sql) from exc
 
 
-def _map_error(pool: SqlitePool, exc: sqlite3.Error, sql: str) -> Exception:
+def _refuse_nul(shard: str, args: Sequence[Any], sql: str) -> None:
+    """Refuse text with a NUL character, as PostgreSQL does, so both backends agree.
+
+    SQLite would store it, and the same request would then fail only on
+    PostgreSQL ("invalid byte sequence for encoding UTF8: 0x00").
+    """
+    for arg in args:
+        if isinstance(arg, str) and "\x00" in arg:
+            raise InvalidValue(
+                shard,
+                "text contains a NUL character (U+0000) or an escape the database refuses",
+                sql=sql,
+            )
+
+
+def _map_error(pool: SqlitePool, exc: sqlite3.Error | OverflowError, sql: str) -> Exception:
     text = str(exc)
+    if isinstance(exc, OverflowError):
+        # sqlite3 cannot bind an int beyond 64 bits: the input's fault, as on PostgreSQL.
+        return InvalidValue(pool.name, "a number is out of range", sql=sql)
     if isinstance(exc, sqlite3.IntegrityError):
         return ConstraintViolation(pool.name, text, sql=sql)
     if "database is locked" in text or "database is busy" in text:
