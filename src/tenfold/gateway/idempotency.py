@@ -14,7 +14,7 @@ still documents the header in its OpenAPI schema through `openapi_extra`.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal, overload
 
 from starlette.requests import HTTPConnection
 
@@ -28,6 +28,10 @@ _RAW = HEADER.lower().encode()
 _KEY = re.compile(KEY_PATTERN)
 
 
+@overload
+def idempotency_key(request: HTTPConnection, *, required: Literal[True]) -> str: ...
+@overload
+def idempotency_key(request: HTTPConnection, *, required: bool = False) -> str | None: ...
 def idempotency_key(request: HTTPConnection, *, required: bool = False) -> str | None:
     """The request's key, checked against `KEY_PATTERN`; a 422 problem when it is
     malformed, or missing and `required`."""

@@ -6,6 +6,14 @@ Every error a client can see leaves as `application/problem+json`:
 the prose. Server-side faults (a bug, a misconfiguration) say only "internal
 error" and the request id; the full error goes to the log, never to the client.
 
+The `detail` of a mapped tenfold error is a fixed sentence per error class
+(`_client_text`), never `str(exc)`: a `QueryError`'s message carries the
+driver's text (constraint names, key values, SQL), a `BrokerUnavailable`'s the
+broker URL. Only the `reason` of an error whose class sets `http_status`
+(`AuthError`, `InvalidValue`: written to be shown) and `Problem.detail`,
+written by the app, reach the client verbatim; 4xx data errors are logged
+with their full text and the request id.
+
 Mapping of tenfold errors (see `status_of`):
 - `Overloaded`, `ShardUnavailable`, `ShardTimeout`, `CircuitOpen`, `BulkheadFull`,
   `BrokerUnavailable`, `DeadlineExceeded` → 503 with `Retry-After`
@@ -38,7 +46,6 @@ from tenfold.errors import (
     PayloadError,
     ShardTimeout,
     ShardUnavailable,
-    TenfoldError,
 )
 
 __all__ = ["PROBLEM_BASE", "Problem", "problem_response", "response_for", "status_of"]
@@ -202,19 +209,58 @@ def response_for(exc: BaseException, request_id: str | None = None) -> Response:
         return problem_response(
             500, "the server failed to handle this request; quote the request_id", **extra
         )
-    headers = getattr(exc, "headers", None)
-    slug = str(getattr(exc, "slug", "") or "") or None
-    detail = getattr(exc, "reason", None) or _client_text(exc)
-    return problem_response(status, str(detail), slug=slug, headers=headers, **extra)
+    reason = _safe_reason(exc)
+    if reason is not None:
+        headers = getattr(exc, "headers", None)
+        slug = str(getattr(exc, "slug", "") or "") or None
+        return problem_response(status, reason, slug=slug, headers=headers, **extra)
+    # A data or payload error that a request provoked: the client gets a fixed
+    # sentence, the operator the driver's own words.
+    log.warning("request %s answered %d: %s", request_id, status, exc)
+    return problem_response(status, _client_text(exc), **extra)
+
+
+def _safe_reason(exc: BaseException) -> str | None:
+    """`exc.reason` when its class promises it is written for clients, else None.
+
+    The promise is a class-level `http_status` (`AuthError`, `InvalidValue`):
+    such an error carries its own answer. Other errors may have a `reason` too
+    (`ShardUnavailable.reason` is the driver's), which must not leave.
+    """
+    if not isinstance(getattr(type(exc), "http_status", None), int):
+        return None
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) and reason else None
+
+
+# What a client may read about each mapped error: fixed sentences, never `str(exc)`.
+_CLIENT_TEXT: tuple[tuple[type[BaseException], str], ...] = (
+    (
+        Overloaded,
+        "the service is at capacity and did not run this request; retry after Retry-After",
+    ),
+    (CircuitOpen, "a dependency of this request is failing; retry after Retry-After"),
+    (BulkheadFull, "a dependency of this request is busy; retry after Retry-After"),
+    (BrokerUnavailable, "the event broker is unreachable; retry after Retry-After"),
+    (DeadlineExceeded, "this request ran past its deadline and was cancelled; retry later"),
+    (
+        ConstraintViolation,
+        "the request conflicts with data already stored (a duplicate, or a reference to "
+        "something missing); nothing was changed",
+    ),
+    (PayloadError, "the request produced an event that is too large or not serialisable"),
+    (CacheError, "the request produced a value that is too large or not serialisable"),
+)
 
 
 def _client_text(exc: BaseException) -> str:
-    """What a client may read about `exc`: our own messages, never foreign ones."""
+    """What a client may read about `exc`: our own sentences, never the error's text."""
     if isinstance(exc, ShardUnavailable | ShardTimeout):
-        # names the shard but not its URL: that is for operators
+        # names the shard but not its URL (nor the driver's reason): that is for operators
         return f"the data for this request is temporarily unreachable ({exc.shard}); retry later"
-    if isinstance(exc, TenfoldError):
-        return str(exc)
+    for kind, text in _CLIENT_TEXT:
+        if isinstance(exc, kind):
+            return text
     return _TITLES.get(status_of(exc), "Error")
 
 
