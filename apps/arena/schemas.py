@@ -15,14 +15,23 @@ Username = Annotated[
 ]
 # No NUL: the password hasher refuses it, so the schema says so up front.
 Password = Annotated[str, StringConstraints(min_length=8, max_length=128, pattern=r"^[^\x00]*$")]
-# At least one character that `strip_whitespace` keeps, so the schema and the check agree.
+# No control characters: PostgreSQL refuses NUL in text where SQLite stores it, so the
+# schema refuses it for both (one answer, 422, on every backend), and the rest of C0
+# has no business in a one-line name. No surrounding whitespace either, refused rather
+# than stripped: stripping makes the server accept what the published schema forbids
+# (a 65-character name ending in a space), which schema-driven clients count as a bug.
 RoomName = Annotated[
     str,
     StringConstraints(
-        strip_whitespace=True, min_length=1, max_length=64, pattern=r"[^\s\x1c-\x1f]"
+        min_length=1,
+        max_length=64,
+        pattern=r"^[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$",
     ),
 ]
-Body = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+# A message may span lines and hold tabs; other control characters (NUL first) are refused.
+Body = Annotated[
+    str, StringConstraints(min_length=1, max_length=2000, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")
+]
 Amount = Annotated[StrictInt, Field(gt=0, le=1_000_000_000)]
 
 

@@ -259,7 +259,7 @@
     ev.preventDefault();
     showError(null);
     try {
-      const room = await api("POST", "/rooms", { name: $("room-name").value });
+      const room = await api("POST", "/rooms", { name: $("room-name").value.trim() });
       $("room-name").value = "";
       addRoomToList(room);
       openRoom(room);
