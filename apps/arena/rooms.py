@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from apps.arena import topics
+from apps.arena import ids, topics
 from apps.arena.schemas import (
     MessageIn,
     MessageOut,
@@ -24,7 +24,8 @@ from apps.arena.schemas import (
     RoomList,
     RoomOut,
 )
-from tenfold.data.base import Connection
+from tenfold.data.base import Connection, Record
+from tenfold.errors import ConstraintViolation, TokenInvalid
 from tenfold.events import EventBus
 from tenfold.events.base import Event
 from tenfold.gateway import CurrentUser, Principal, Problem, RuntimeDep, runtime_of, user_of
@@ -33,14 +34,6 @@ from tenfold.gateway.idempotency import idempotency_openapi
 from tenfold.gateway.runtime import Runtime
 
 router = APIRouter(prefix="/rooms", tags=["rooms"])
-
-_MAX_ID = 2**63 - 1
-
-
-def _room_id(room_id: str) -> int:
-    if not room_id.isdigit() or len(room_id) > 19 or int(room_id) > _MAX_ID:
-        raise Problem(404, f"no room {room_id[:32]!r}", slug="no-such-room")
-    return int(room_id)
 
 
 async def _membership(rt: Runtime, room_id: int, user_id: int) -> dict[str, Any]:
@@ -63,8 +56,8 @@ async def _membership(rt: Runtime, room_id: int, user_id: int) -> dict[str, Any]
     return result
 
 
-async def _require_member(rt: Runtime, room_id: int, user: Principal) -> dict[str, Any]:
-    state = await _membership(rt, room_id, int(user.subject))
+async def _require_member(rt: Runtime, room_id: int, user_id: int) -> dict[str, Any]:
+    state = await _membership(rt, room_id, user_id)
     if not state["exists"]:
         raise Problem(404, f"no room {room_id}", slug="no-such-room")
     if not state["member"]:
@@ -80,7 +73,7 @@ async def _add_member(rt: Runtime, conn: Connection, room: dict[str, Any], user:
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         conn.slot,
         room["id"],
-        int(user.subject),
+        ids.user_id(user),
         user.claims.get("name", ""),
         time.time(),
     )
@@ -91,7 +84,7 @@ async def _add_member(rt: Runtime, conn: Connection, room: dict[str, Any], user:
             user.claims.get("name", user.subject),
             {
                 "op": "join",
-                "user_id": int(user.subject),
+                "user_id": ids.user_id(user),
                 "room_id": room["id"],
                 "name": room["name"],
             },
@@ -115,9 +108,9 @@ async def send_message(
     user = user_of(request)
     rt = runtime_of(request)
     idempotency_key = idempotency_key_of(request)
-    rid = _room_id(room_id)
-    await _require_member(rt, rid, user)
-    author_id = int(user.subject)
+    rid = ids.room_id(room_id)
+    author_id = ids.user_id(user)
+    await _require_member(rt, rid, author_id)
     author = user.claims.get("name", user.subject)
     now = time.time()
     message_id = rt.db.new_id_beside(rid)  # routes like its room
@@ -137,42 +130,61 @@ async def send_message(
         "body": body.body,
         "created_at": now,
     }
-    async with rt.db.shard_for_id(rid) as conn:
-        if idempotency_key is None:
+    if idempotency_key is None:
+        async with rt.db.shard_for_id(rid) as conn:
             # The message row and its outbox row in one statement (one round trip).
             await rt.bus.insert_and_emit(
                 conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
             )
-        else:
-            async with conn.transaction():
-                replay = await conn.fetchrow(
-                    "SELECT id, body, created_at FROM arena_messages "
-                    "WHERE room_id = $1 AND author_id = $2 AND idem_key = $3",
-                    rid,
-                    author_id,
-                    idempotency_key,
-                )
-                if replay is not None:
-                    if replay["body"] != body.body:
-                        raise Problem(
-                            422,
-                            "this Idempotency-Key was used for a different message",
-                            slug="idempotency-key-reused",
-                        )
-                    original = MessageOut(
-                        id=str(replay["id"]),
-                        room_id=str(rid),
-                        author=author,
-                        body=replay["body"],
-                        created_at=replay["created_at"],
+    else:
+        try:
+            async with rt.db.shard_for_id(rid) as conn, conn.transaction():
+                replay = await _stored_message(conn, rid, author_id, idempotency_key)
+                if replay is None:
+                    await rt.bus.insert_and_emit(
+                        conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
                     )
-                    # a replay: the original, with 200 rather than 201
-                    return JSONResponse(original.model_dump(), status_code=200)
-                await rt.bus.insert_and_emit(
-                    conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
+        except ConstraintViolation:
+            # A concurrent request with the same key committed first: the unique
+            # (room_id, author_id, idem_key) index refused this insert, and this
+            # transaction rolled back. Its stored message is the answer.
+            async with rt.db.shard_for_id(rid) as conn:
+                replay = await _stored_message(conn, rid, author_id, idempotency_key)
+            if replay is None:
+                raise Problem(
+                    409,
+                    "a request with this Idempotency-Key is in progress; retry it",
+                    slug="idempotency-key-in-progress",
+                ) from None
+        if replay is not None:
+            if replay["body"] != body.body:
+                raise Problem(
+                    422,
+                    "this Idempotency-Key was used for a different message",
+                    slug="idempotency-key-reused",
                 )
+            original = MessageOut(
+                id=str(replay["id"]),
+                room_id=str(rid),
+                author=author,
+                body=replay["body"],
+                created_at=replay["created_at"],
+            )
+            # a replay: the original, with 200 rather than 201
+            return JSONResponse(original.model_dump(), status_code=200)
     return MessageOut(
         id=str(message_id), room_id=str(rid), author=author, body=body.body, created_at=now
+    )
+
+
+async def _stored_message(conn: Connection, rid: int, author_id: int, key: str) -> Record | None:
+    """The message this author already sent to this room with this Idempotency-Key."""
+    return await conn.fetchrow(
+        "SELECT id, body, created_at FROM arena_messages "
+        "WHERE room_id = $1 AND author_id = $2 AND idem_key = $3",
+        rid,
+        author_id,
+        key,
     )
 
 
@@ -184,9 +196,9 @@ async def list_messages(
     before: Annotated[str | None, Query(max_length=20, pattern=r"^[0-9]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> MessagePage:
-    rid = _room_id(room_id)
-    await _require_member(rt, rid, user)
-    cursor = min(int(before), _MAX_ID) if before is not None else _MAX_ID
+    rid = ids.room_id(room_id)
+    await _require_member(rt, rid, ids.user_id(user))
+    cursor = min(int(before), ids.MAX_ID) if before is not None else ids.MAX_ID
     async with rt.db.shard_for_id(rid) as conn:
         rows = await conn.fetch(
             "SELECT id, author, body, created_at FROM arena_messages "
@@ -212,6 +224,7 @@ async def list_messages(
 
 @router.post("", status_code=201, response_model=RoomOut)
 async def create_room(body: RoomIn, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
+    owner_id = ids.user_id(user)
     room_id = rt.db.new_id(secrets.token_hex(8))  # a random slot: rooms spread over shards
     room = {"id": room_id, "name": body.name}
     async with rt.db.shard_for_id(room_id) as conn, conn.transaction():
@@ -220,22 +233,23 @@ async def create_room(body: RoomIn, user: CurrentUser, rt: RuntimeDep) -> RoomOu
             {
                 "id": room_id,
                 "name": body.name,
-                "owner_id": int(user.subject),
+                "owner_id": owner_id,
                 "created_at": time.time(),
             },
         )
         await _add_member(rt, conn, room, user)
-    await rt.cache.invalidate(f"arena:member:{room_id}:{user.subject}")
-    return RoomOut(id=str(room_id), name=body.name, owner_id=user.subject)
+    await rt.cache.invalidate(f"arena:member:{room_id}:{owner_id}")
+    return RoomOut(id=str(room_id), name=body.name, owner_id=str(owner_id))
 
 
 @router.get("/mine", response_model=RoomList)
 async def my_rooms(user: CurrentUser, rt: RuntimeDep) -> RoomList:
-    async with rt.db.shard_for_id(int(user.subject)) as conn:
+    user_id = ids.user_id(user)
+    async with rt.db.shard_for_id(user_id) as conn:
         rows = await conn.fetch(
             "SELECT room_id, name FROM arena_my_rooms WHERE user_id = $1 "
             "ORDER BY joined_at LIMIT 500",
-            int(user.subject),
+            user_id,
         )
     return RoomList(
         items=[RoomOut(id=str(r["room_id"]), name=r["name"], owner_id="") for r in rows]
@@ -244,32 +258,34 @@ async def my_rooms(user: CurrentUser, rt: RuntimeDep) -> RoomList:
 
 @router.post("/{room_id}/join", response_model=RoomOut)
 async def join(room_id: str, user: CurrentUser, rt: RuntimeDep) -> RoomOut:
-    rid = _room_id(room_id)
+    rid = ids.room_id(room_id)
+    user_id = ids.user_id(user)
     async with rt.db.shard_for_id(rid) as conn, conn.transaction():
         row = await conn.fetchrow("SELECT name, owner_id FROM arena_rooms WHERE id = $1", rid)
         if row is None:
             raise Problem(404, f"no room {rid}", slug="no-such-room")
         await _add_member(rt, conn, {"id": rid, "name": row["name"]}, user)
-    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
+    await rt.cache.invalidate(f"arena:member:{rid}:{user_id}")
     return RoomOut(id=str(rid), name=row["name"], owner_id=str(row["owner_id"]))
 
 
 @router.post("/{room_id}/leave", status_code=204)
 async def leave(room_id: str, user: CurrentUser, rt: RuntimeDep) -> Response:
-    rid = _room_id(room_id)
-    await _require_member(rt, rid, user)
+    rid = ids.room_id(room_id)
+    user_id = ids.user_id(user)
+    await _require_member(rt, rid, user_id)
     async with rt.db.shard_for_id(rid) as conn, conn.transaction():
         removed = await conn.execute(
-            "DELETE FROM arena_members WHERE room_id = $1 AND user_id = $2", rid, int(user.subject)
+            "DELETE FROM arena_members WHERE room_id = $1 AND user_id = $2", rid, user_id
         )
         if removed:
             await rt.bus.emit(
                 conn,
                 topics.MEMBERSHIP,
                 user.claims.get("name", user.subject),
-                {"op": "leave", "user_id": int(user.subject), "room_id": rid},
+                {"op": "leave", "user_id": user_id, "room_id": rid},
             )
-    await rt.cache.invalidate(f"arena:member:{rid}:{user.subject}")
+    await rt.cache.invalidate(f"arena:member:{rid}:{user_id}")
     return Response(status_code=204)
 
 
@@ -286,11 +302,17 @@ def register_realtime(rt: Runtime) -> None:
         kind, _, ident = channel.partition(":")
         if kind == "user":
             return ident == principal.subject and action == "read"
-        if kind != "room" or action == "publish" or not ident.isdigit() or len(ident) > 19:
+        # An id that cannot exist (room:0, room:-1, 2^63) is forbidden like any
+        # room the caller is not in; the router would refuse it as a KeyspaceError,
+        # which the hub reports as `unavailable`.
+        room_id = ids.parse_id(ident)
+        if kind != "room" or action == "publish" or room_id is None:
             return False
-        if int(ident) > _MAX_ID:
+        try:
+            user_id = ids.user_id(principal)
+        except TokenInvalid:
             return False
-        state = await _membership(rt, int(ident), int(principal.subject))
+        state = await _membership(rt, room_id, user_id)
         return bool(state["member"])
 
     rt.realtime.authorize = authorize

@@ -21,21 +21,23 @@ import time
 
 from fastapi import APIRouter, Request
 
-from apps.arena import topics
+from apps.arena import ids, topics
 from apps.arena.schemas import TransferIn, TransferOut, WalletOut
 from tenfold.data.base import Connection, Record
+from tenfold.errors import ConstraintViolation
 from tenfold.events import EventBus
 from tenfold.events.base import Event
 from tenfold.gateway import CurrentUser, Problem, RuntimeDep
 from tenfold.gateway.idempotency import idempotency_key as idempotency_key_of
 from tenfold.gateway.idempotency import idempotency_openapi
+from tenfold.gateway.runtime import Runtime
 
 router = APIRouter(prefix="/wallet", tags=["wallet"])
 
 
 @router.get("", response_model=WalletOut)
 async def balance(user: CurrentUser, rt: RuntimeDep) -> WalletOut:
-    user_id = int(user.subject)
+    user_id = ids.user_id(user)
     async with rt.db.shard_for_id(user_id) as conn:
         value = await conn.fetchval("SELECT balance FROM arena_wallets WHERE user_id = $1", user_id)
     if value is None:
@@ -53,71 +55,102 @@ async def transfer(
     body: TransferIn, user: CurrentUser, rt: RuntimeDep, request: Request
 ) -> TransferOut:
     idempotency_key = idempotency_key_of(request, required=True)
-    sender_id = int(user.subject)
+    sender_id = ids.user_id(user)
     sender = str(user.claims.get("name", ""))
     if body.to == sender:
         raise Problem(422, "a transfer to yourself changes nothing", slug="self-transfer")
-    async with rt.db.shard_for_id(sender_id) as conn, conn.transaction():
-        row = await conn.fetchrow(
-            "SELECT id, recipient, amount, status, reason FROM arena_transfers "
-            "WHERE sender_id = $1 AND idem_key = $2",
-            sender_id,
-            idempotency_key,
-        )
-        if row is not None:
-            if row["recipient"] != body.to or row["amount"] != body.amount:
-                raise Problem(
-                    422,
-                    "this Idempotency-Key was used for a different transfer",
-                    slug="idempotency-key-reused",
-                )
-            return _out(row)
-        debited = await conn.execute(
-            "UPDATE arena_wallets SET balance = balance - $2 WHERE user_id = $1 AND balance >= $2",
-            sender_id,
-            body.amount,
-        )
-        if not debited:
-            raise Problem(409, "the balance does not cover this amount", slug="insufficient-funds")
-        transfer_id = rt.db.new_id(sender)
-        await conn.insert(
-            "arena_transfers",
-            {
-                "id": transfer_id,
-                "sender_id": sender_id,
-                "recipient": body.to,
-                "amount": body.amount,
-                "idem_key": idempotency_key,
-                "status": "pending",
-                "reason": None,
-                "created_at": time.time(),
-            },
-        )
-        await rt.bus.emit(
-            conn,
-            topics.TRANSFERS,
-            body.to,
-            {
-                "transfer_id": transfer_id,
-                "sender": sender,
-                "sender_id": sender_id,
-                "to": body.to,
-                "amount": body.amount,
-            },
-        )
+    try:
+        async with rt.db.shard_for_id(sender_id) as conn, conn.transaction():
+            row = await _stored_transfer(conn, sender_id, idempotency_key)
+            if row is not None:
+                return _replay(row, body)
+            transfer_id = await _debit(rt, conn, sender_id, sender, idempotency_key, body)
+    except ConstraintViolation:
+        # A concurrent request with the same key committed first: the unique
+        # (sender_id, idem_key) index refused this transfer row, and the debit
+        # rolled back with it. The stored transfer is the answer.
+        async with rt.db.shard_for_id(sender_id) as conn:
+            row = await _stored_transfer(conn, sender_id, idempotency_key)
+        if row is None:
+            raise Problem(
+                409,
+                "a request with this Idempotency-Key is in progress; retry it",
+                slug="idempotency-key-in-progress",
+            ) from None
+        return _replay(row, body)
     return TransferOut(id=str(transfer_id), to=body.to, amount=body.amount, status="pending")
+
+
+async def _stored_transfer(conn: Connection, sender_id: int, key: str) -> Record | None:
+    """The transfer this sender already made with this Idempotency-Key."""
+    return await conn.fetchrow(
+        "SELECT id, recipient, amount, status, reason FROM arena_transfers "
+        "WHERE sender_id = $1 AND idem_key = $2",
+        sender_id,
+        key,
+    )
+
+
+def _replay(row: Record, body: TransferIn) -> TransferOut:
+    """The stored transfer as the answer to a retry, if the retry asks for the same one."""
+    if row["recipient"] != body.to or row["amount"] != body.amount:
+        raise Problem(
+            422,
+            "this Idempotency-Key was used for a different transfer",
+            slug="idempotency-key-reused",
+        )
+    return _out(row)
+
+
+async def _debit(
+    rt: Runtime, conn: Connection, sender_id: int, sender: str, key: str, body: TransferIn
+) -> int:
+    """Debit the sender, record the transfer "pending" and emit it (in `conn`'s transaction)."""
+    debited = await conn.execute(
+        "UPDATE arena_wallets SET balance = balance - $2 WHERE user_id = $1 AND balance >= $2",
+        sender_id,
+        body.amount,
+    )
+    if not debited:
+        raise Problem(409, "the balance does not cover this amount", slug="insufficient-funds")
+    transfer_id = rt.db.new_id(sender)
+    await conn.insert(
+        "arena_transfers",
+        {
+            "id": transfer_id,
+            "sender_id": sender_id,
+            "recipient": body.to,
+            "amount": body.amount,
+            "idem_key": key,
+            "status": "pending",
+            "reason": None,
+            "created_at": time.time(),
+        },
+    )
+    await rt.bus.emit(
+        conn,
+        topics.TRANSFERS,
+        body.to,
+        {
+            "transfer_id": transfer_id,
+            "sender": sender,
+            "sender_id": sender_id,
+            "to": body.to,
+            "amount": body.amount,
+        },
+    )
+    return transfer_id
 
 
 @router.get("/transfers/{transfer_id}", response_model=TransferOut)
 async def transfer_status(transfer_id: str, user: CurrentUser, rt: RuntimeDep) -> TransferOut:
-    if not transfer_id.isdigit() or len(transfer_id) > 19:
-        raise Problem(404, "no such transfer", slug="no-such-transfer")
-    sender_id = int(user.subject)
+    tid = ids.transfer_id(transfer_id)
+    sender_id = ids.user_id(user)
     async with rt.db.shard_for_id(sender_id) as conn:
         row = await conn.fetchrow(
             "SELECT id, recipient, amount, status, reason FROM arena_transfers "
             "WHERE id = $1 AND sender_id = $2",
-            int(transfer_id),
+            tid,
             sender_id,
         )
     if row is None:  # someone else's transfer is as absent as a missing one
