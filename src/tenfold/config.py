@@ -20,10 +20,8 @@ or as an explicit list (TOML, or JSON in `TENFOLD_SHARDS`)::
 from __future__ import annotations
 
 import contextvars
-import importlib
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -44,12 +42,11 @@ __all__ = [
     "DATA_SCHEMES",
     "Settings",
     "ShardSpec",
-    "backend_class",
     "load_settings",
     "redact_url",
 ]
 
-DATA_SCHEMES = ("sqlite", "postgresql")
+DATA_SCHEMES = ("sqlite", "postgresql")  # built in; `tenfold.backends.register` adds more
 _SCHEME_ALIASES = {"postgres": "postgresql"}
 _SHARD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
@@ -80,35 +77,18 @@ def _hide_passwords(text: str) -> str:
     return _USERINFO.sub(r"\1:***@", text)
 
 
-def backend_class(url: str, backends: Mapping[str, str], setting: str) -> Any:
-    """The class registered for `url`'s scheme in `backends` ("scheme" → "module:Class").
-
-    Modules import lazily, so an optional dependency is needed only when used.
-
-    Raises:
-        ConfigError: naming `setting` and the accepted schemes, for any other URL.
-    """
-    scheme = url.split("://", 1)[0].lower() if isinstance(url, str) and "://" in url else ""
-    target = backends.get(scheme)
-    if target is None:
-        accepted = ", ".join(f"{s}://" for s in backends)
-        raise ConfigError(
-            setting, f"unknown scheme in {redact_url(str(url))!r}; accepted: {accepted}"
-        )
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def check_data_url(setting: str, url: str) -> str:
     """Validate a shard or catalog URL and normalise `postgres://` to `postgresql://`."""
-    accepted = ", ".join(f"{s}://" for s in DATA_SCHEMES)
+    from tenfold import backends  # it imports config (redact_url) lazily too
+
+    accepted = ", ".join(f"{s}://" for s in backends.schemes("data"))
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError(
             setting, _hide_passwords(f"{url!r} is not a URL; accepted schemes: {accepted}")
         )
     scheme, rest = url.split("://", 1)
     scheme = _SCHEME_ALIASES.get(scheme.lower(), scheme.lower())
-    if scheme not in DATA_SCHEMES:
+    if not backends.registered("data", f"{scheme}://"):
         raise ConfigError(
             setting,
             f"unknown scheme {scheme + '://'!r} in {redact_url(url)!r}; accepted: {accepted}",

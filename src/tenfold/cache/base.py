@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tenfold.config import backend_class
+from tenfold import backends
 
 __all__ = ["L2Backend", "OnMessage", "from_url"]
 
@@ -85,13 +85,6 @@ class L2Backend(ABC):
         """Release connections and stop listening."""
 
 
-_BACKENDS = {
-    "memory": "tenfold.cache.memory:MemoryL2",
-    "redis": "tenfold.cache.redis:RedisL2",
-    "rediss": "tenfold.cache.redis:RedisL2",
-}
-
-
 def from_url(url: str, **options: Any) -> L2Backend:
     """The L2 backend for `memory://` or `redis://host:port/db` (also `rediss://`).
 
@@ -100,8 +93,8 @@ def from_url(url: str, **options: Any) -> L2Backend:
         options: keyword options for that backend's constructor.
 
     Raises:
-        ConfigError: for an unknown scheme.
+        ConfigError: for a scheme `tenfold.backends` does not know (it lists those it does).
     """
-    cls = backend_class(url, _BACKENDS, "TENFOLD_CACHE_URL")
+    cls = backends.backend_class("cache", url)
     result: L2Backend = cls.from_url(url, **options)
     return result

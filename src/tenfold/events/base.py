@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from tenfold.config import backend_class
+from tenfold import backends
 from tenfold.errors import ConfigError, TopicError
 
 __all__ = [
@@ -304,13 +304,11 @@ class StreamBackend(abc.ABC):
         return again
 
 
-_BACKENDS = {
-    "memory": "tenfold.events.memory:MemoryStreams",
-    "nats": "tenfold.events.nats:NatsStreams",
-}
-
-
 def backend_from_url(url: str, **options: Any) -> StreamBackend:
-    """The stream backend for `memory://` or `nats://host:port`."""
-    backend: StreamBackend = backend_class(url, _BACKENDS, "TENFOLD_EVENTS_URL")(url, **options)
+    """The stream backend for `memory://`, `nats://host:port` or a registered scheme.
+
+    Raises:
+        ConfigError: for a scheme `tenfold.backends` does not know (it lists those it does).
+    """
+    backend: StreamBackend = backends.backend_class("events", url)(url, **options)
     return backend

@@ -21,7 +21,7 @@ import abc
 from collections.abc import Sequence
 from typing import Any
 
-from tenfold.config import backend_class
+from tenfold import backends
 from tenfold.limits.gcra import Decision
 from tenfold.limits.rules import Rule
 
@@ -62,13 +62,6 @@ class LimiterStorage(abc.ABC):
         return None  # nothing to release by default
 
 
-_STORAGES = {
-    "memory": "tenfold.limits.memory:MemoryStorage",
-    "redis": "tenfold.limits.redis:RedisStorage",
-    "rediss": "tenfold.limits.redis:RedisStorage",
-}
-
-
 def from_url(url: str, **options: Any) -> LimiterStorage:
     """The storage for `memory://` or `redis://host:port/db` (also `rediss://`).
 
@@ -77,8 +70,8 @@ def from_url(url: str, **options: Any) -> LimiterStorage:
         options: keyword options for that backend's constructor.
 
     Raises:
-        ConfigError: for an unknown scheme.
+        ConfigError: for a scheme `tenfold.backends` does not know (it lists those it does).
     """
-    cls = backend_class(url, _STORAGES, "TENFOLD_LIMITS_URL")
+    cls = backends.backend_class("limits", url)
     result: LimiterStorage = cls.from_url(url, **options)
     return result

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tenfold import backends
+
 __all__ = ["Broker", "Deliver", "Position", "broker_from_url"]
 
 # (channel, offset or None for ephemeral/presence frames, frame text,
@@ -52,6 +54,13 @@ class Broker(abc.ABC):
         self.history_ttl_s = history_ttl_s
         self.presence_ttl_s = presence_ttl_s
         self.deliver: Deliver = lambda ch, offset, text, at: None
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Broker:
+        """The broker for `url` with constructor `options`; a broker that takes no URL
+        (in-process) ignores it and a connection timeout. Network brokers override it."""
+        options.pop("connect_timeout_s", None)
+        return cls(**options)
 
     async def start(self, deliver: Deliver) -> None:
         """Connect; from now on frames for subscribed channels go to `deliver`."""
@@ -118,12 +127,11 @@ class Broker(abc.ABC):
 
 
 def broker_from_url(url: str, **options: Any) -> Broker:
-    """The broker for the events URL: in-process for memory://, NATS for nats://."""
-    if url.startswith("nats://") or url.startswith("tls://"):
-        from tenfold.realtime.nats import NatsBroker
+    """The broker for the events URL: in-process for memory://, NATS for nats:// (tls://),
+    or the class registered for the scheme with `tenfold.backends.register("realtime", ...)`.
 
-        return NatsBroker(url, **options)
-    from tenfold.realtime.memory import MemoryBroker
-
-    options.pop("connect_timeout_s", None)
-    return MemoryBroker(**options)
+    Raises:
+        ConfigError: for a scheme `tenfold.backends` does not know (it lists those it does).
+    """
+    broker: Broker = backends.backend_class("realtime", url).from_url(url, **options)
+    return broker

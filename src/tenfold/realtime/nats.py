@@ -96,6 +96,11 @@ class NatsBroker(Broker):
         self._subs: dict[str, Any] = {}
         self._last: dict[str, int] = {}  # channel -> last offset this node knows
 
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> NatsBroker:
+        """The broker for `nats://host:port` (or `tls://`), with constructor `options`."""
+        return cls(url, **options)
+
     async def start(self, deliver: Any) -> None:
         await super().start(deliver)
         try:
