@@ -5,6 +5,8 @@ Roles (tests/integration/test_chaos.py starts, SIGKILLs and replaces them):
 - `emitter`: writes `count` source rows `src(id, slot, n, event_id)` at `rate` rows per
   second, each with its event emitted in the same shard transaction, then exits 0.
 - `relay`: an `EventBus` with relays only (no consumers), until killed.
+- `node`: relays and the consumer in one process, as the embedded mode (`memory://`, whose
+  stream lives in the process) runs them: several nodes share SQLite shard files.
 - `consumer`: an `EventBus` with one `shard_writes=True` consumer only, until killed. The
   handler inserts one `effects(event_id, src_id, slot, n, pid, attempt)` row. `effects` has no
   unique constraint on `event_id`, so a double apply shows up as two rows: exactly-once
@@ -38,7 +40,7 @@ from tenfold.config import Settings
 from tenfold.data.base import Connection
 from tenfold.events import Delivery, Event, EventBus
 
-ROLES = ("emitter", "relay", "consumer")
+ROLES = ("emitter", "relay", "consumer", "node")
 
 # The app tables of the chaos tests, created on every shard by the test.
 SCHEMA = (
@@ -112,7 +114,11 @@ async def relay(config: dict[str, Any]) -> None:
     await db.close()
 
 
-async def consumer(config: dict[str, Any]) -> None:
+async def node(config: dict[str, Any]) -> None:
+    await consumer(config, relays=True)
+
+
+async def consumer(config: dict[str, Any], *, relays: bool = False) -> None:
     db, bus = await _open(config)
     pid = os.getpid()
     delay_s = float(config.get("handler_delay_s", 0.0))
@@ -168,7 +174,7 @@ async def consumer(config: dict[str, Any]) -> None:
             applied.discard(delivery.event.id)
 
     bus.consumers[0] = dataclasses.replace(spec, handler=observed)
-    await bus.start(relays=False, consumers=True)
+    await bus.start(relays=relays, consumers=True)
     say("READY")
     await _until_terminated()
     await bus.stop()
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
         format=f"%(asctime)s {args.role}[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
-    run = {"emitter": emitter, "relay": relay, "consumer": consumer}[args.role]
+    run = {"emitter": emitter, "relay": relay, "consumer": consumer, "node": node}[args.role]
     asyncio.run(run(config))
 
 

@@ -16,6 +16,9 @@ tests/integration/test_events_backends.py runs it against each):
 - A handler failure is retried with exponential backoff and jitter up to
   `RetryPolicy.max_attempts`; then the event, with the error and the attempt
   count, goes to the topic's dead-letter queue and the partition moves on.
+- A backend that is not `durable` (its events die with the process) reports,
+  through `on_settled`, each event every group has finished; the relay marks
+  an outbox row published only then, so a crash loses nothing it had taken.
 """
 
 from __future__ import annotations
@@ -218,13 +221,24 @@ class GroupStatus:
 class StreamBackend(abc.ABC):
     """Topics, partitions, durable groups and dead letters on one broker."""
 
-    # False for a stream that lives in process memory: at a graceful stop the bus
-    # hands its unconsumed events back to the outbox, to be published at the next start.
+    # False for a stream that lives in process memory. Its events die with the
+    # process, so the relay marks an outbox row published only once the stream
+    # reports the event settled (`on_settled`): the outbox is then the durable log.
     durable: bool = True
 
-    def unconsumed_event_ids(self) -> list[str]:
-        """Ids of events some consumer group has not finished (non-durable backends)."""
-        return []
+    def on_settled(self, listener: Callable[[list[Event]], None]) -> None:
+        """Call `listener` with events every consumer group has finished (non-durable only).
+
+        "Finished" is acknowledged or dead-lettered by every group with a
+        position on the topic (at publish when there is none), or dropped by
+        retention. Each event is reported once. Durable backends never call it.
+        """
+        if not self.durable:
+            raise NotImplementedError(f"{type(self).__name__} is not durable: implement on_settled")
+
+    def off_settled(self, listener: Callable[[list[Event]], None]) -> None:
+        """Stop calling `listener` (see `on_settled`)."""
+        return None
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from tenfold.events.base import (
 from tenfold.events.relay import OutboxRelay
 from tenfold.keyspace import Key
 from tenfold.observe import metrics, tracing
+from tenfold.resilience.backoff import Backoff
 
 __all__ = ["ConsumerSpec", "EventBus"]
 
@@ -208,6 +208,12 @@ class EventBus:
         except BrokerUnavailable as exc:
             log.warning("starting without the broker, will retry: %s", exc)
         s = self.settings
+        if consumers and not self.backend.durable:
+            # Groups take their positions before the first publish: an in-process
+            # stream settles an event with no group at once, and the relay would
+            # mark it published before anyone handled it.
+            for c in self.consumers:
+                await self._attach(c)
         if relays:
             for shard in self.db.shard_names:
                 relay = OutboxRelay(
@@ -224,14 +230,14 @@ class EventBus:
                 self.relays.append(relay)
                 self._relay_of[shard] = relay
                 self._tasks.append(asyncio.create_task(relay.run(), name=f"relay:{shard}"))
-        if consumers:
+        if consumers and self.backend.durable:
             for c in self.consumers:
                 self._tasks.append(asyncio.create_task(self._attach(c), name=f"consumer:{c.group}"))
         self._tasks.append(asyncio.create_task(self._metrics_loop(10.0), name="metrics"))
         self._started = True
 
     async def _attach(self, c: ConsumerSpec) -> None:
-        failures = 0
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 await self.backend.start()
@@ -243,8 +249,7 @@ class EventBus:
                 )
                 return
             except BrokerUnavailable as exc:
-                failures += 1
-                delay = min(5.0, 0.1 * 2**failures) * (0.5 + random.random() / 2)
+                delay = backoff.next_s()
                 log.warning(
                     "consumer %s/%s waiting for the broker (%s); retry in %.1fs",
                     c.topic,
@@ -299,37 +304,11 @@ class EventBus:
                     await relay.release_lease()
             except Exception as exc:  # shutdown must finish; the rows stay pending
                 log.warning("could not drain the outbox of %s: %s", relay.shard, exc)
+            relay.detach()
         self.relays.clear()
         self._relay_of.clear()
-        await self._return_unconsumed()
         await self.backend.close()
         self._started = False
-
-    async def _return_unconsumed(self) -> None:
-        """Mark an in-process stream's unfinished events unpublished again.
-
-        Events in a memory stream vanish with the process; their outbox rows say
-        "published". Clearing `published_at` makes the next start publish them
-        again, and consumers' inboxes (or their at-least-once contract) absorb
-        the repeats. A hard crash cannot do this: embedded mode then loses what
-        was in flight, which `docs/events.md` states.
-        """
-        ids = self.backend.unconsumed_event_ids()
-        if not ids:
-            return
-        chunks = [ids[i : i + 500] for i in range(0, len(ids), 500)]
-        for shard in self.db.shard_names:
-            try:
-                async with self.db.shard(shard) as conn:
-                    for chunk in chunks:
-                        marks = ", ".join(f"${i + 1}" for i in range(len(chunk)))
-                        await conn.execute(
-                            "UPDATE tenfold_outbox SET published_at = NULL "
-                            f"WHERE event_id IN ({marks})",
-                            *chunk,
-                        )
-            except TenfoldError as exc:  # shutdown must finish
-                log.warning("could not return unconsumed events to %s: %s", shard, exc)
 
     async def __aenter__(self) -> EventBus:
         await self.start()

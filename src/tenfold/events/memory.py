@@ -5,6 +5,15 @@ partitions by slot, de-duplication by id within a window, durable group
 positions (for the life of the process), one event in flight per partition,
 retries with backoff, a DLQ per topic, retention by age and bytes.
 
+Crash safety comes from the outbox, not from this module: the stream is not
+durable, so it reports each event once every consumer group has finished it
+(`on_settled`), and only then does the relay mark its outbox row published.
+A process killed at any instant leaves its unfinished events unpublished in
+the outbox, and the next relay to hold the shard's lease publishes them again.
+
+    outbox row ─relay─▶ publish here ─▶ every group acks or dead-letters it
+               ◀── mark published ◀── settled(events) ◀┘
+
 Invariants:
 - Sequences per topic start at 1 and only grow; a partition's entries are in
   sequence order.
@@ -12,11 +21,16 @@ Invariants:
   the event was dead-lettered; one task at a time works a (group, partition).
 - Every queue is bounded by the topic's retention (`max_age_s`, `max_bytes`),
   and its delivered part by `keep_delivered` (see `MemoryStreams`).
+- An event is reported settled exactly once, and only when every group's
+  position on its partition is past it (or retention dropped it); with no
+  group on the topic, at publish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -39,6 +53,8 @@ from tenfold.events.dispatch import deliver
 
 __all__ = ["MemoryStreams"]
 
+log = logging.getLogger("tenfold.events.memory")
+
 
 @dataclass
 class _Entry:
@@ -51,6 +67,7 @@ class _Entry:
 class _Partition:
     entries: list[_Entry] = field(default_factory=list)
     first: int = 0  # absolute index of entries[0] (older ones were trimmed)
+    settled: int = 0  # absolute index: every group has finished the entries before it
     # Set (and replaced) when the partition gets entries: only its own workers
     # wake, not every partition's (a topic-wide condition woke 16 tasks per publish).
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -112,17 +129,34 @@ class MemoryStreams(StreamBackend):
         self.keep_delivered = keep_delivered
         self._clock = clock
         self._topics: dict[str, _Topic] = {}
+        self._listeners: list[Callable[[list[Event]], None]] = []
 
     durable = False
 
-    def unconsumed_event_ids(self) -> list[str]:
-        ids: set[str] = set()
-        for topic in self._topics.values():
-            for positions in topic.groups.values():
-                for index, part in enumerate(topic.partitions):
-                    for at in range(max(positions[index], part.first), part.end):
-                        ids.add(part.get(at).event.id)
-        return sorted(ids)
+    def on_settled(self, listener: Callable[[list[Event]], None]) -> None:
+        self._listeners.append(listener)
+
+    def off_settled(self, listener: Callable[[list[Event]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _report(self, events: list[Event]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(events)
+            except Exception:  # a listener's bug must not stop a partition's worker
+                log.exception("settled-events listener %r failed", listener)
+
+    def _settle(self, topic: _Topic, p: int) -> None:
+        """Report the entries of partition `p` that every group has now passed."""
+        part = topic.partitions[p]
+        upto = min(min((c[p] for c in topic.groups.values()), default=part.end), part.end)
+        if upto <= part.settled:
+            return
+        start = max(part.settled, part.first)
+        part.settled = upto
+        if self._listeners and start < upto:
+            self._report([part.get(i).event for i in range(start, upto)])
 
     async def start(self) -> None:
         return None
@@ -163,6 +197,9 @@ class MemoryStreams(StreamBackend):
             topic.partitions[index].entries.append(_Entry(topic.seq, now, event))
             topic.bytes += len(event.payload)
             touched.add(index)
+        if not topic.groups:  # nobody will consume them: settled as they are stored
+            for index in touched:
+                self._settle(topic, index)
         self._trim(topic, now)
         for index in touched:
             topic.partitions[index].notify()
@@ -172,12 +209,12 @@ class MemoryStreams(StreamBackend):
         oldest = now - spec.max_age_s
         for part in topic.partitions:
             while part.entries and part.entries[0].stored_at < oldest:
-                topic.bytes -= len(part.entries.pop(0).event.payload)
-                part.first += 1
+                self._drop_oldest(topic, part)
         keep = self.keep_delivered
         for p, part in enumerate(topic.partitions):
             passed = min((cursor[p] for cursor in topic.groups.values()), default=part.end)
-            drop = min(passed, part.end) - keep - part.first
+            # Never past `settled`: an entry is reported settled before it is trimmed.
+            drop = min(passed, part.end, part.settled) - keep - part.first
             if drop > max(32, keep // 8):  # in chunks: a list's front is costly to cut
                 topic.bytes -= sum(len(e.event.payload) for e in part.entries[:drop])
                 del part.entries[:drop]
@@ -185,8 +222,7 @@ class MemoryStreams(StreamBackend):
         while spec.max_bytes >= 0 and topic.bytes > spec.max_bytes:
             # Drop the globally oldest entry, as a limits-based stream does.
             part = min((p for p in topic.partitions if p.entries), key=lambda p: p.entries[0].seq)
-            topic.bytes -= len(part.entries.pop(0).event.payload)
-            part.first += 1
+            self._drop_oldest(topic, part)
         # Expiries are insertion-ordered (one window per topic): drop from the front.
         seen = topic.seen
         while seen:
@@ -194,6 +230,14 @@ class MemoryStreams(StreamBackend):
             if seen[first] > now:
                 break
             seen.popitem(last=False)
+
+    def _drop_oldest(self, topic: _Topic, part: _Partition) -> None:
+        entry = part.entries.pop(0)
+        topic.bytes -= len(entry.event.payload)
+        part.first += 1
+        if part.settled < part.first:  # retention took an unfinished event: as JetStream's does
+            part.settled = part.first
+            self._report([entry.event])
 
     def _start_index(self, part: _Partition, start: StartPosition) -> int:
         if start.sequence is not None:
@@ -255,6 +299,7 @@ class MemoryStreams(StreamBackend):
                     # A reset_group meanwhile replaced the list: the reset wins.
                     if done and cursor is topic.groups[group]:
                         cursor[p] = index + 1
+                        self._settle(topic, p)
                     continue
             wake = part.wake
             if stopping.is_set() or max(topic.groups[group][p], part.first) < part.end:

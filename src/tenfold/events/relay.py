@@ -14,6 +14,16 @@ Invariants:
   by event id, so a row is published at least once and at most twice.
 - When the broker is down the relay backs off (bounded, jittered) and emits
   keep committing; nothing is lost, the outbox grows and drains later.
+- With a stream that is not durable (`memory://`), "acknowledged" means
+  settled: every consumer group finished the event. Until then the row stays
+  unpublished in the outbox and the relay holds its seq in memory (so it is
+  not published twice by this process), at most `max_unsettled` of them: a
+  slow consumer stalls the relay instead of growing the heap. A process killed
+  at any point leaves those rows unpublished, and whichever relay holds the
+  lease next publishes them again (consumers' inboxes absorb the repeats).
+
+    settle mode: fetch rows not handed ─▶ hand to the stream ─▶ ... settled(events)
+                 ─▶ mark exactly those rows published (batched, by seq)
 """
 
 from __future__ import annotations
@@ -22,7 +32,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -34,10 +43,14 @@ from tenfold.errors import DataError
 from tenfold.events.base import Event, StreamBackend, TopicSpec
 from tenfold.events.outbox import PENDING, event_of_row
 from tenfold.observe import metrics
+from tenfold.resilience.backoff import Backoff
 
 __all__ = ["OutboxRelay"]
 
 log = logging.getLogger("tenfold.events.relay")
+
+
+_PENDING_SEQS = "SELECT seq FROM tenfold_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
 
 
 def _padded(seqs: Sequence[int]) -> list[int]:
@@ -72,6 +85,7 @@ class OutboxRelay:
         lease_s: float = 10.0,
         retention_s: float = 3600.0,
         max_backoff_s: float = 5.0,
+        max_unsettled: int = 4096,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
@@ -92,6 +106,13 @@ class OutboxRelay:
         self._lease_until = 0.0
         self._listener: Any = None
         self.published = 0
+        # Settle mode (a stream that dies with the process): see the module docstring.
+        self.settle_mode = not backend.durable
+        self.max_unsettled = max_unsettled
+        self._handed: dict[str, int] = {}  # event id -> outbox seq, handed and not settled
+        self._settled: list[int] = []  # seqs settled by the stream, to mark published
+        if self.settle_mode:
+            backend.on_settled(self._on_settled)
 
     # -- lease --------------------------------------------------------------
 
@@ -130,11 +151,86 @@ class OutboxRelay:
 
     async def run_once(self) -> int:
         """Publish one batch of pending rows; return how many were published."""
+        if self.settle_mode:
+            return await self._hand_over(self.batch_size)
         rows = await self._fetch(())
         if not rows:
             return 0
         await self._publish(rows)
         await self._mark(rows)
+        return len(rows)
+
+    # -- settle mode ----------------------------------------------------------
+
+    def _on_settled(self, events: list[Event]) -> None:
+        # Called by the stream inside its consumer tasks: record only, no I/O.
+        handed = self._handed
+        settled = [seq for e in events if (seq := handed.pop(e.id, None)) is not None]
+        if settled:
+            self._settled.extend(settled)
+            self._wake.set()
+
+    @property
+    def unsettled(self) -> int:
+        """Rows handed to a non-durable stream that its consumers have not finished."""
+        return len(self._handed)
+
+    async def mark_settled(self) -> int:
+        """Mark the rows the stream reported settled as published; return how many."""
+        total = 0
+        while self._settled:
+            chunk = self._settled[: self.batch_size]
+            await self._mark_seqs(chunk)
+            del self._settled[: len(chunk)]  # only once committed: a failure retries them
+            total += len(chunk)
+        return total
+
+    async def _rows_of(self, conn: Any, seqs: list[int]) -> list[Record]:
+        padded = _padded(seqs)
+        marks = ", ".join(f"${i}" for i in range(1, len(padded) + 1))
+        return list(
+            await conn.fetch(
+                "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at "
+                f"FROM tenfold_outbox WHERE published_at IS NULL AND seq IN ({marks}) "
+                "ORDER BY seq",
+                *padded,
+            )
+        )
+
+    async def _hand_over(self, limit: int) -> int:
+        """Hand up to `limit` rows this process has not handed yet to the stream."""
+        room = min(limit, self.max_unsettled - len(self._handed))
+        if room <= 0:
+            return 0
+        await self.mark_settled()  # settled rows are read as pending until marked
+        handed = self._handed
+        seqs = {*handed.values(), *self._settled}
+        async with self.db.shard(self.shard) as conn:
+            # Rows already handed are still unpublished: read past them. With
+            # many handed (consumers behind), past their seqs alone (the
+            # partial index), not their payloads.
+            if len(seqs) <= self.batch_size:
+                rows = [r for r in await conn.fetch(PENDING, room + len(seqs))]
+            else:
+                fresh = [
+                    int(r[0])
+                    for r in await conn.fetch(_PENDING_SEQS, room + len(seqs))
+                    if int(r[0]) not in seqs
+                ][:room]
+                rows = await self._rows_of(conn, fresh) if fresh else []
+            rows = [r for r in rows if int(r[0]) not in seqs and r[1] not in handed][:room]
+        if not rows:
+            return 0
+        # Recorded before publishing: a stream with no consumer group settles
+        # an event inside publish().
+        for r in rows:
+            handed[r[1]] = int(r[0])
+        try:
+            await self._publish(rows)
+        except BaseException:
+            for r in rows:
+                handed.pop(r[1], None)
+            raise
         return len(rows)
 
     async def pump(self) -> int:
@@ -145,6 +241,13 @@ class OutboxRelay:
         the rows in flight). Batch k+1 is sent only after k is acknowledged, so
         the stream order is the same as `run_once`'s.
         """
+        if self.settle_mode:
+            total = 0
+            while True:
+                count = await self._hand_over(self.batch_size)
+                total += count
+                if count < self.batch_size or not await self.hold_lease():
+                    return total
         total = 0
         rows = await self._fetch(())
         acked: list[Record] = []  # published and acknowledged, not yet marked
@@ -201,7 +304,10 @@ class OutboxRelay:
             await self.backend.publish(spec, batch)
 
     async def _mark(self, rows: Sequence[Record]) -> None:
-        padded = _padded([int(r[0]) for r in rows])
+        await self._mark_seqs([int(r[0]) for r in rows])
+
+    async def _mark_seqs(self, seqs: Sequence[int]) -> None:
+        padded = _padded(seqs)
         marks = ", ".join(f"${i}" for i in range(2, len(padded) + 2))
         async with self.db.shard(self.shard) as conn:
             await conn.execute(
@@ -209,8 +315,8 @@ class OutboxRelay:
                 self._clock(),
                 *padded,
             )
-        self.published += len(rows)
-        metrics.child(metrics.outbox_published, self.shard).inc(len(rows))
+        self.published += len(seqs)
+        metrics.child(metrics.outbox_published, self.shard).inc(len(seqs))
 
     async def prune(self) -> int:
         """Delete published rows older than the retention; return how many."""
@@ -236,10 +342,12 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Relay until `stop()`; survives broker and shard outages with bounded backoff."""
-        failures = 0
+        backoff = Backoff(0.1, self.max_backoff_s)
         passes = 0
         while not self._stopping.is_set():
             try:
+                if self._settled:  # a standby still marks what it handed before
+                    await self.mark_settled()
                 if not await self.hold_lease():
                     # A standby: writes wake it after every commit, but it only has
                     # to try for the lease again when the holder's might lapse.
@@ -247,7 +355,7 @@ class OutboxRelay:
                     continue
                 await self._ensure_listener()
                 count = await self.pump()
-                failures = 0
+                backoff.reset()
                 passes += 1
                 if passes % 500 == 0:
                     await self.prune()
@@ -256,26 +364,39 @@ class OutboxRelay:
                     if count and self.linger_s:  # busy: let a few more rows commit
                         await asyncio.sleep(self.linger_s)
             except Exception as exc:  # the relay must outlive any one failure
-                failures += 1
-                delay = min(self.max_backoff_s, 0.05 * 2**failures) * (0.5 + random.random() / 2)
+                delay = backoff.next_s()
                 log.warning("relay %s: %s; retrying in %.2fs", self.shard, exc, delay)
                 metrics.relay_failures.labels(shard=self.shard).inc()
                 await self._sleep(delay)
         await self._drop_listener()
         with contextlib.suppress(DataError):
+            await self.mark_settled()
+        with contextlib.suppress(DataError):
             await self.release_lease()  # so a standby takes over now, not after lease_s
 
     async def drain(self, timeout_s: float = 10.0) -> int:
-        """Publish until the outbox is empty (for shutdown); return how many were published."""
+        """Publish until the outbox is empty (for shutdown); return how many were published.
+
+        In settle mode (a stream that dies with the process) only what the
+        stream settles at once (topics without a consumer group) ends up
+        marked; the rest stays unpublished, for the next start.
+        """
         total = 0
         async with asyncio.timeout(timeout_s):
             while (count := await self.pump()) > 0:
                 total += count
+            if self.settle_mode:
+                await self.mark_settled()
         return total
 
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+
+    def detach(self) -> None:
+        """Stop listening to the stream's settlements (when the relay is discarded)."""
+        if self.settle_mode:
+            self.backend.off_settled(self._on_settled)
 
     def wake(self) -> None:
         self._wake.set()
