@@ -70,10 +70,11 @@ PEER_TX = "bare FastAPI + asyncpg, message + outbox row in one transaction"
 CONNECTIONS, GOAL_RATIO = 16, 0.70
 RATE_LIMITS = json.dumps(
     {
-        "ip": "60000000/minute burst 1000000 per ip",
-        "user": "60000000/minute burst 1000000 per user",
-        "login": "60000000/minute burst 1000000 per login",
-        "register": "60000000/minute burst 1000000 per ip",
+        "ip": "60000000/minute burst 1000000 per ip on *",
+        "user": "60000000/minute burst 1000000 per user on *",
+        "login_account": "60000000/minute burst 1000000 per account",
+        "login_ip": "60000000/minute burst 1000000 per ip",
+        "register": "60000000/minute burst 1000000 per ip on POST /auth/register",
     }
 )
 LUA = """

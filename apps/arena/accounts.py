@@ -15,18 +15,21 @@ from starlette.requests import Request
 from apps.arena import topics
 from apps.arena.schemas import Credentials, RefreshIn, TokensOut, UserOut
 from tenfold.errors import ConstraintViolation
-from tenfold.gateway import Problem, RuntimeDep, rate_limit
+from tenfold.gateway import Problem, RuntimeDep
 from tenfold.gateway.runtime import Runtime
+from tenfold.limits import headers as rate_limit_headers
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 STARTING_POINTS = 1000
 _BAD_LOGIN = "unknown user name or wrong password"
+# failed-login rules (app.RATE_LIMITS); "register" is applied by the gateway on its route
+FAILED_PER_ACCOUNT = "login_account"
+FAILED_PER_IP = "login_ip"
 
 
 @router.post("/register", status_code=201, response_model=UserOut)
-async def register(body: Credentials, rt: RuntimeDep, request: Request) -> UserOut:
-    await rate_limit(request, "register", _client_ip(request))
+async def register(body: Credentials, rt: RuntimeDep) -> UserOut:
     password_hash = await rt.passwords.hash(body.password)
     user_id = rt.db.new_id(body.username)
     now = time.time()
@@ -57,15 +60,33 @@ async def register(body: Credentials, rt: RuntimeDep, request: Request) -> UserO
 
 @router.post("/login", response_model=TokensOut)
 async def login(body: Credentials, rt: RuntimeDep, request: Request) -> TokensOut:
-    await rate_limit(request, "login", f"{_client_ip(request)}:{body.username}")
+    ip = _client_ip(request)
+    # Only failures count, so an owner's own logins never do; once an account's
+    # (or an IP's) run out, every attempt is refused before hashing, a correct
+    # password too, else a guesser would learn which guess was right.
+    for rule, subject, whose in (
+        (FAILED_PER_ACCOUNT, body.username, "for this account"),
+        (FAILED_PER_IP, ip, "from this address"),
+    ):
+        left = await rt.limiter.peek(rule, subject)
+        if not left.allowed:
+            raise Problem(
+                429,
+                f"too many failed logins {whose}; retry after the Retry-After delay",
+                slug="rate-limited",
+                headers=rate_limit_headers(left),
+            )
     async with rt.db.shard_for(body.username) as conn:
         row = await conn.fetchrow(
             "SELECT id, password_hash FROM arena_users WHERE username = $1", body.username
         )
     if row is None:
         await rt.passwords.verify_absent(body.password)  # same cost as a wrong password
-        raise Problem(401, _BAD_LOGIN, slug="bad-credentials")
-    if not await rt.passwords.verify(row["password_hash"], body.password):
+    if row is None or not await rt.passwords.verify(row["password_hash"], body.password):
+        # unknown names count too: the answer must not tell them apart
+        await rt.limiter.check_many(
+            [(FAILED_PER_ACCOUNT, body.username, 1), (FAILED_PER_IP, ip, 1)]
+        )
         raise Problem(401, _BAD_LOGIN, slug="bad-credentials")
     issued = await rt.refresh.issue(body.username)
     return _tokens(rt, int(row["id"]), body.username, issued.token)

@@ -37,6 +37,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
     }
     for status, text in (
+        (400, "A body that cannot be read as text (not UTF-8)"),
         (401, "Not authenticated"),
         (403, "Forbidden"),
         (404, "Not found"),
@@ -49,10 +50,17 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 MIGRATIONS = Path(__file__).parent / "migrations"
 STATIC = Path(__file__).parent / "static"
-# Added to the configured rules unless the configuration names them itself.
+# Added to the configured rules unless the configuration names them itself. A rule
+# applies only to the routes it names (tenfold.limits.rules); one naming none is
+# checked by arena itself.
 RATE_LIMITS = {
-    "register": "600/minute burst 200 per ip",
-    "login": "60/minute burst 20 per login",
+    "register": "600/minute burst 200 per ip on POST /auth/register",
+    # Failed logins, counted by accounts.login: per account they stop a guesser
+    # however many IPs it has; per IP, looser, they stop one client guessing
+    # across accounts without locking out a NAT of users. A correct login counts
+    # against neither, and attempts refused before hashing count against no IP.
+    "login_account": "10/minute burst 10 per account",
+    "login_ip": "120/minute burst 60 per ip",
 }
 
 

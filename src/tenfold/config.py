@@ -188,11 +188,12 @@ class Settings(BaseSettings):
     cache_url: str = "memory://"
     cache_prefix: str = "tenfold"
     limits_url: str = "memory://"
-    # name -> rule; the gateway applies "per user" rules to authenticated requests
-    # and "per ip" rules to anonymous ones; other scopes are for the app's own checks.
+    # name -> rule; the gateway applies a rule only to the routes it names ("on *":
+    # every route, "per user" ones to authenticated and "per ip" ones to anonymous
+    # requests); a rule naming no route is for the app's own rate_limit() checks.
     rate_limits: dict[str, str] = {
-        "ip": "1200/minute burst 200 per ip",
-        "user": "10000/minute burst 500 per user",
+        "ip": "1200/minute burst 200 per ip on *",
+        "user": "10000/minute burst 500 per user on *",
     }
     admission_enabled: bool = True
     admission_max_queue: int = 256

@@ -135,7 +135,7 @@ async def test_request_id_echoed_or_generated(tmp_path: Path) -> None:
 
 
 async def test_rate_limit_headers_and_429(tmp_path: Path) -> None:
-    async with served(tmp_path, rate_limits={"ip": "3/minute burst 3 per ip"}) as client:
+    async with served(tmp_path, rate_limits={"ip": "3/minute burst 3 per ip on *"}) as client:
         first = await client.get("/items/1")
         assert first.status_code == 200
         for name in ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"):

@@ -1,7 +1,7 @@
 """One pure-ASGI middleware for the whole request path.
 
     request id → body-size bound → authentication (Bearer JWT, verified once)
-    → rate limits ("per user" rules when authenticated, else "per ip" rules)
+    → rate limits (the rules that name the request's route: `rule_routes.py`)
     → admission (priority: critical for health probes, user, anonymous)
     → the app → RED metrics, `X-Request-Id` and `RateLimit-*` headers
 
@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenfold.gateway import metrics
 from tenfold.gateway.problems import problem_response, response_for
+from tenfold.gateway.rule_routes import RuleRoutes
 from tenfold.limits import header_pairs
 from tenfold.limits.gcra import Decision
 from tenfold.observe import tracing
@@ -64,8 +65,7 @@ class TenfoldMiddleware:
         self.runtime = runtime
         gw = runtime.settings
         self.max_body = gw.max_body_bytes
-        self._ip_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "ip"]
-        self._user_rules = [n for n, r in runtime.limiter.rules.items() if r.scope == "user"]
+        self._rules = RuleRoutes(runtime.limiter.rules)
         # bound once: a labels() lookup per request costs more than the increment
         self._decisions = {
             (name, allowed): metrics.rate_limit_decisions.labels(
@@ -199,26 +199,29 @@ class TenfoldMiddleware:
         return bounded
 
     async def _rate_limit(self, scope: Scope, principal: Any, exchange: _Exchange) -> str | None:
-        """Count the request against its rules; the refusing rule's name, or None."""
-        if principal is not None:
-            rules, subject = self._user_rules, principal.subject
-        else:
-            client = scope.get("client")
-            rules, subject = self._ip_rules, client[0] if client else "unknown"
-        if not rules:
+        """Count the request against the rules naming its route; the refusing rule, or None."""
+        client = scope.get("client")
+        checks = self._rules.checks(
+            scope.get("method", "GET"),
+            scope["path"],
+            principal.subject if principal is not None else None,
+            client[0] if client else "unknown",
+        )
+        if not checks:
             return None
         limiter = self.runtime.limiter
-        if len(rules) == 1:
+        if len(checks) == 1:
             # in-process storage answers without a coroutine; Redis is awaited
-            only = limiter.check_now(rules[0], subject)
+            name, subject = checks[0]
+            only = limiter.check_now(name, subject)
             if only is None:
-                only = await limiter.check(rules[0], subject)
+                only = await limiter.check(name, subject)
             results = [only]
         else:
-            results = await limiter.check_many([(name, subject, 1) for name in rules])
+            results = await limiter.check_many([(name, subject, 1) for name, subject in checks])
         exchange.decision = min(results, key=_tightness) if len(results) > 1 else results[0]
         refused = None
-        for name, result in zip(rules, results, strict=True):
+        for (name, _), result in zip(checks, results, strict=True):
             self._decisions[name, result.allowed].inc()
             if not result.allowed and refused is None:
                 refused = name

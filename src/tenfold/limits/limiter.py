@@ -7,10 +7,13 @@ from collections.abc import Mapping, Sequence
 
 from tenfold.errors import RateLimitError
 from tenfold.limits.base import LimiterStorage
-from tenfold.limits.gcra import Decision
+from tenfold.limits.gcra import EPSILON_S, Decision
 from tenfold.limits.rules import Rule, parse_rule
 
 __all__ = ["RateLimiter", "header_pairs", "headers"]
+
+# What a peek moves a subject's state by (RateLimiter.peek): well inside GCRA's clock slack.
+_PEEK_STEP_S = EPSILON_S / 10
 
 
 class RateLimiter:
@@ -54,6 +57,35 @@ class RateLimiter:
         if cost != 1:  # every rule's burst is at least 1
             _check_cost(rule_name, rule, cost)
         return await self.storage.decide(f"{rule_name}:{subject}", rule, cost)
+
+    async def peek(self, rule_name: str, subject: str) -> Decision:
+        """Whether `subject` has a whole unit request left under `rule_name`, spending ~nothing.
+
+        For rules charged after the fact, such as failed logins per account:
+        peek before the work, `check` once it failed. The storage interface
+        has one atomic operation, GCRA's decide, so a peek is a decide under a
+        rule whose interval T' is `split` times finer and whose tolerance is
+        one interval T less (plus T'): it passes exactly when `check` would,
+        and moves the subject's state by T' (a tenth of `gcra.EPSILON_S`, the
+        algorithm's clock slack), which real time drains at once. As with any
+        check-then-charge, attempts in flight together may all pass their
+        peeks before one is charged: bound them elsewhere (a bulkhead).
+        `remaining` is in whole requests, rounded down.
+
+        Raises:
+            RateLimitError: unknown rule.
+        """
+        rule = self.rule(rule_name)
+        split = max(1, math.ceil(rule.emission_interval_s / _PEEK_STEP_S))
+        # T' = T / split, T' * burst' = T * (burst - 1) + T': allowed iff tat + T - tolerance <= now
+        fine = Rule(
+            limit=rule.limit * split,
+            period_s=rule.period_s,
+            burst=(rule.burst - 1) * split + 1,
+            scope=rule.scope,
+        )
+        found = await self.storage.decide(f"{rule_name}:{subject}", fine, 1)
+        return found._replace(remaining=found.remaining // split, limit=rule.limit)
 
     def check_now(self, rule_name: str, subject: str) -> Decision | None:
         """`check` of a unit request without awaiting, when the storage decides
