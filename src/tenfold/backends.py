@@ -35,6 +35,7 @@ from tenfold.errors import ConfigError
 __all__ = [
     "Capability",
     "backend_class",
+    "check",
     "register",
     "registered",
     "scheme_of",
@@ -182,21 +183,8 @@ def backend_class(capability: Capability, url: str, *, setting: str | None = Non
             the registered target cannot be imported.
         MissingDependency: the backend needs an optional extra that is missing.
     """
-    table = _table(capability)
-    scheme = scheme_of(url)
-    scheme = _ALIASES.get(capability, {}).get(scheme, scheme)
-    target = table.get(scheme)
+    scheme, target = _lookup(capability, url, setting)
     where = setting or SETTINGS[capability]
-    if target is None:
-        from tenfold.config import redact_url  # config imports this module lazily too
-
-        known = ", ".join(f"{s}://" for s in sorted(table))
-        raise ConfigError(
-            where,
-            f"unknown scheme in {redact_url(str(url))!r}; known {capability} backends: {known} "
-            f"(register another with tenfold.backends.register({capability!r}, scheme, "
-            "'module:Class'))",
-        )
     if isinstance(target, type):
         return target
     module, _, attr = target.partition(":")
@@ -212,6 +200,34 @@ def backend_class(capability: Capability, url: str, *, setting: str | None = Non
     if not isinstance(cls, type):
         raise ConfigError(where, f"the {scheme}:// backend {target!r} names no class")
     return cls
+
+
+def check(capability: Capability, url: str, *, setting: str | None = None) -> str:
+    """`url` if its scheme has a backend for `capability`, without importing it.
+
+    Raises:
+        ConfigError: the scheme is unknown; the message lists the known ones.
+    """
+    _lookup(capability, url, setting)
+    return url
+
+
+def _lookup(capability: str, url: str, setting: str | None) -> tuple[str, str | type]:
+    table = _table(capability)
+    scheme = scheme_of(url)
+    scheme = _ALIASES.get(capability, {}).get(scheme, scheme)
+    target = table.get(scheme)
+    if target is None:
+        from tenfold.config import redact_url  # config imports this module lazily too
+
+        known = ", ".join(f"{s}://" for s in sorted(table))
+        raise ConfigError(
+            setting or SETTINGS[capability],
+            f"unknown scheme in {redact_url(str(url))!r}; known {capability} backends: {known} "
+            f"(register another with tenfold.backends.register({capability!r}, scheme, "
+            "'module:Class'))",
+        )
+    return scheme, target
 
 
 def _sync_data_pools(scheme: str, target: str | type | None) -> None:

@@ -239,13 +239,9 @@ class Settings(BaseSettings):
     @field_validator("events_url")
     @classmethod
     def _events(cls, v: str) -> str:
-        scheme = v.split("://", 1)[0].lower() if "://" in v else ""
-        if scheme not in ("memory", "nats"):
-            raise ConfigError(
-                "TENFOLD_EVENTS_URL",
-                f"unknown scheme in {redact_url(v)!r}; accepted: memory://, nats://",
-            )
-        return v
+        from tenfold import backends
+
+        return backends.check("events", v)  # ConfigError listing the known schemes
 
     @field_validator("shard_url")
     @classmethod

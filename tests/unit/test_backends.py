@@ -92,9 +92,11 @@ def test_an_unknown_scheme_is_one_config_error_listing_the_known_ones(
     assert f"tenfold.backends.register({capability!r}" in message
 
 
-def test_an_unknown_data_scheme_lists_the_known_ones() -> None:
+def test_unknown_schemes_in_settings_list_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"accepted: postgresql://, sqlite://"):
         Settings(shard_url="mysql://h/app_{n}")
+    with pytest.raises(ConfigError, match=r"known events backends: memory://, nats://, tls://"):
+        Settings(events_url="kafka://broker:9092")
 
 
 def test_one_call_registers_a_backend_for_each_capability(clean_registry: None) -> None:
@@ -107,6 +109,7 @@ def test_one_call_registers_a_backend_for_each_capability(clean_registry: None) 
     assert type(cache_from_url("memcached://h")) is OwnL2
     assert type(limits_from_url("dynamo://table")) is OwnStorage
     assert type(broker_from_url("ably://x", connect_timeout_s=1.0)) is OwnBroker
+    assert Settings(events_url="kafka://broker:9092").events_url == "kafka://broker:9092"
     assert "kafka" in backends.schemes("events")
 
 
