@@ -43,7 +43,6 @@ from tenfold.events.nats import NatsStreams
 from tests import services
 from tests.integration import chaos_worker
 
-
 REPO = Path(__file__).resolve().parents[2]
 TOPIC = "chaos.src"
 GROUP = "effects"
