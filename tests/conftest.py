@@ -4,6 +4,15 @@
 gives settings for N shards (and replicas) on that backend, creating fresh
 databases (Postgres) or files (SQLite) and dropping them after the test;
 `make_db` opens a `ShardedDatabase` on such settings.
+
+Markers: a test that needs a server carries its marker (`postgres`, `redis`,
+`nats`), so `-m "not redis"` runs without one. `backend`'s postgres param is
+marked where it is declared; `redis` and `nats` are added at collection to
+every test that uses `redis_url`, `nats_url` or `nats_server`, or is
+parametrised with the value "redis" / "nats" (fixtures that call
+`getfixturevalue` for their server). Servers are found or started once, on
+first use; one `services:` line at the end says which were used, started or
+skipped and why.
 """
 
 from __future__ import annotations
@@ -49,6 +58,23 @@ def _redis() -> services.Service:
     if "redis" not in _SERVICES:
         _SERVICES["redis"] = services.find_redis()
     return _SERVICES["redis"]
+
+
+_SERVER_FIXTURES = {
+    "redis": ("redis_url",),
+    "nats": ("nats_url", "nats_server"),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs Redis or NATS (see the module docstring)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        params = set(map(str, callspec.params.values())) if callspec is not None else set()
+        for marker, fixtures in _SERVER_FIXTURES.items():
+            if names.intersection(fixtures) or marker in params:
+                item.add_marker(getattr(pytest.mark, marker))
 
 
 @pytest.fixture(scope="session")
