@@ -97,6 +97,9 @@ async def _add_member(rt: Runtime, conn: Connection, room: dict[str, Any], user:
     "/{room_id}/messages",
     status_code=201,
     response_model=MessageOut,
+    responses={
+        200: {"model": MessageOut, "description": "A retry (same Idempotency-Key): the original"}
+    },
     openapi_extra=idempotency_openapi(),
 )
 async def send_message(

@@ -253,3 +253,37 @@ def test_problems_never_carry_driver_text(exc: Exception) -> None:
     assert "req-1" in body
     if isinstance(exc, InvalidValue):  # its reason is written for clients
         assert response.status_code == 422 and "nul character" in body
+
+
+# -- 6: what Schemathesis found, pinned -----------------------------------------
+
+
+async def test_405_allows_every_method_of_the_path(arena: Arena) -> None:
+    alice = await arena.signup("alice")
+    room = (await arena.client.post("/rooms", json={"name": "r"}, headers=alice.headers)).json()
+    for method in ("PUT", "DELETE", "OPTIONS"):
+        r = await arena.client.request(
+            method, f"/rooms/{room['id']}/messages", headers=alice.headers
+        )
+        assert_problem(r, 405)
+        assert r.headers["allow"] == "GET, POST", r.headers  # one route per method
+    r = await arena.client.delete("/wallet", headers=alice.headers)
+    assert_problem(r, 405)
+    assert r.headers["allow"] == "GET"
+
+
+async def test_every_status_arena_sends_is_documented(arena: Arena) -> None:
+    alice = await arena.signup("alice")
+    room = (await arena.client.post("/rooms", json={"name": "r"}, headers=alice.headers)).json()
+    url = f"/rooms/{room['id']}/messages"
+    headers = {**alice.headers, "Idempotency-Key": "k"}
+    assert (await arena.client.post(url, json={"body": "x"}, headers=headers)).status_code == 201
+    assert (await arena.client.post(url, json={"body": "x"}, headers=headers)).status_code == 200
+    not_utf8 = {**alice.headers, "content-type": "application/json"}
+    r = await arena.client.post("/rooms", content=b"\xff\xfe\x00", headers=not_utf8)
+    assert_problem(r, 400)
+    paths = arena.app.openapi()["paths"]
+    assert "200" in paths["/rooms/{room_id}/messages"]["post"]["responses"]
+    for item in paths.values():
+        for op in item.values():
+            assert "400" in op["responses"], op.get("operationId")

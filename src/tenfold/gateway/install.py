@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from tenfold.errors import TenfoldError
 from tenfold.gateway import problems
@@ -49,6 +50,7 @@ def install(app: Starlette, runtime: Runtime | None = None) -> Runtime:
     app.add_exception_handler(HTTPException, problems.handle)
     app.add_exception_handler(TenfoldError, problems.handle)
     app.add_exception_handler(Exception, problems.handle)
+    app.add_exception_handler(405, _method_not_allowed)
     _validation_handler(app)
 
     async def healthz(request: Request) -> Response:
@@ -93,6 +95,28 @@ def runtime_of(request: Request) -> Runtime:
     """The runtime `install` attached to the request's app."""
     runtime: Runtime | None = request.scope.get("tenfold.runtime")  # set by the middleware
     return runtime if runtime is not None else request.app.state.tenfold
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> Response:
+    """A 405 whose `Allow` lists every method the path serves (RFC 9110 §15.5.6).
+
+    Starlette answers from the first route whose path matched, so when one path
+    has a route per method (arena's GET and POST `/rooms/{id}/messages`), its
+    `Allow` names one method of two.
+    """
+    allowed: set[str] = set()
+    for route in request.app.router.routes:
+        methods = getattr(route, "methods", None)
+        if methods and route.matches(request.scope)[0] is not Match.NONE:
+            allowed |= methods
+    headers = {"Allow": ", ".join(sorted(allowed))} if allowed else getattr(exc, "headers", None)
+    request_id = request.scope.get("tenfold.request_id")
+    return problems.problem_response(
+        405,
+        f"{request.method} is not allowed here; see the Allow header",
+        headers=headers,
+        **({"request_id": request_id} if request_id else {}),
+    )
 
 
 def _validation_handler(app: Starlette) -> None:
