@@ -289,6 +289,9 @@ async def leave(room_id: str, user: CurrentUser, rt: RuntimeDep) -> Response:
                 {"op": "leave", "user_id": user_id, "room_id": rid},
             )
     await rt.cache.invalidate(f"arena:member:{rid}:{user_id}")
+    # Access ends with membership: open /ws subscriptions to the room, on every
+    # node, before the 204 (the membership consumer below repeats it durably).
+    await rt.realtime.revoke(f"room:{rid}", str(user_id))
     return Response(status_code=204)
 
 
@@ -325,6 +328,18 @@ def register_realtime(rt: Runtime) -> None:
         event = delivery.event
         # the payload is the message as JSON already (send_message emitted a dict)
         await rt.realtime.publish_json(event.key, event.payload)
+
+    @rt.bus.consumer(topics.MEMBERSHIP, group="realtime_membership")
+    async def end_access(delivery: Any) -> None:
+        # The leave handler revokes at once; this covers a process that died
+        # between the commit and that call. A user who joined again meanwhile
+        # keeps their new subscriptions.
+        m = delivery.event.data()
+        if m["op"] != "leave":
+            return
+        state = await _membership(rt, m["room_id"], m["user_id"])
+        if not state["member"]:
+            await rt.realtime.revoke(f"room:{m['room_id']}", str(m["user_id"]))
 
     @rt.bus.consumer(topics.POINTS, group="realtime_points")
     async def points(delivery: Any) -> None:

@@ -247,6 +247,9 @@ class Settings(BaseSettings):
     @classmethod
     def _template(cls, v: str) -> str:
         return check_data_url("TENFOLD_SHARD_URL", v)
+    # How often each node asks again whether every subscription is still allowed
+    # (the bound on access after e.g. a room leave whose revoke signal was lost).
+    realtime_reauthorize_interval_s: float = 30.0
 
     @field_validator("shard_replica_urls")
     @classmethod
@@ -319,6 +322,7 @@ class Settings(BaseSettings):
             ("realtime_send_queue", 1, 1_000_000),
             ("realtime_max_channels", 1, 100_000),
             ("realtime_publish_burst", 1, 1_000_000),
+            "realtime_reauthorize_interval_s",
             ("realtime_max_conns_per_user", 1, 1_000_000),
             ("realtime_history_size", 1, 1_000_000),
             ("gc_gen0_threshold", 0, 10_000_000),

@@ -131,6 +131,7 @@ class Runtime:
                 publish_burst=s.realtime_publish_burst,
                 max_conns_per_user=s.realtime_max_conns_per_user,
                 ping_interval_s=s.realtime_ping_interval_s,
+                reauthorize_interval_s=s.realtime_reauthorize_interval_s,
             ),
         )
         self.started = False

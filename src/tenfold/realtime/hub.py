@@ -18,6 +18,8 @@ waiting is closed with 4009. Actions passed to `authorize`:
 (a publish that is delivered but not stored, e.g. typing indicators).
 Join/leave frames go only to subscribers that asked for them (`join_leave`),
 once per user, coalesced per channel (`presence.PresenceEvents`).
+Access ends with authorization: `revoke(channel, user)` on every node, and a
+periodic re-check as a safety net (`access.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import orjson
 
 from tenfold.errors import BrokerUnavailable
 from tenfold.realtime import metrics
+from tenfold.realtime.access import Reauthorizer, revoke_frame, revoked_user
 from tenfold.realtime import protocol as p
 from tenfold.realtime.base import Broker
 from tenfold.realtime.connection import Connection, QueuedConnection
@@ -76,6 +79,8 @@ class HubLimits:
     presence_window_s: float = 0.05  # join/leave frames of a channel are coalesced over this
     # WebSocket pings from the hub itself (tenfold's uvicorn protocol; other servers ping)
     ping_interval_s: float = 20.0
+    # every subscription's authorization is asked again this often (access.py)
+    reauthorize_interval_s: float = 30.0
 
 
 class Hub:
@@ -106,6 +111,8 @@ class Hub:
         self._heartbeat: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._reauthorizing: asyncio.Task[None] | None = None
+        self._leaving: set[asyncio.Task[None]] = set()  # broker cleanup of dropped subscriptions
         self.started = False
         self.stopping = False
 
@@ -124,6 +131,12 @@ class Hub:
             self._connecting = asyncio.create_task(self._connect_loop(), name="realtime:connect")
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="realtime:heartbeat")
         self._pinger = asyncio.create_task(self._ping_loop(), name="realtime:ping")
+        recheck = Reauthorizer(
+            lambda *args: self.authorize(*args), self.drop, self.limits.reauthorize_interval_s
+        )
+        self._reauthorizing = asyncio.create_task(
+            recheck.run(lambda: tuple(self.connections)), name="realtime:reauthorize"
+        )
 
     async def _connect_loop(self) -> None:
         failures = 0
@@ -150,7 +163,7 @@ class Hub:
                     await asyncio.sleep(0.02)
         with contextlib.suppress(Exception):
             await self.presence.close()  # the last leaves
-        for task in (self._heartbeat, self._pinger, self._connecting):
+        for task in (self._heartbeat, self._pinger, self._connecting, self._reauthorizing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -198,7 +211,68 @@ class Hub:
         that are not JSON reach clients as a broken frame."""
         p.check_channel(channel)
         return await self.broker.publish(channel, payload, ephemeral=ephemeral)
+    async def revoke(self, channel: str, user: str) -> int:
+        """End `user`'s subscriptions to `channel` on every node (call it once the
+        change that took the right away has committed). Returns how many ended here.
 
+        Connections are told with `{"op":"unsub","ch":...,"reason":"revoked"}`.
+        A broker failure is logged, not raised: the periodic re-check ends the
+        other nodes' subscriptions within `reauthorize_interval_s` instead.
+        """
+        p.check_channel(channel)
+        dropped = self._revoke_here(channel, user)
+        try:
+            await self.broker.publish_frame(channel, revoke_frame(channel, user))
+            await self.broker.ping()  # a flush: later publishes are ordered after it
+        except Exception as exc:
+            log.warning(
+                "realtime: revoking %s for user %s reached only this node (%r); the re-check "
+                "every %g s ends it elsewhere",
+                channel,
+                user,
+                exc,
+                self.limits.reauthorize_interval_s,
+            )
+        return dropped
+
+    def _revoke_here(self, channel: str, user: str) -> int:
+        subs = self.channels.get(channel)
+        if not subs:
+            return 0
+        mine = [conn for conn in subs if conn.user == user]
+        for conn in mine:
+            self.drop(conn, channel, "revoked")
+        if mine:
+            metrics.refusals.labels("revoked").inc(len(mine))
+        return len(mine)
+
+    def drop(self, conn: Connection, channel: str, reason: str) -> None:
+        """End one subscription from the server side: no frame of `channel` reaches
+        `conn` after this call; the client gets an `unsub` frame saying why."""
+        if channel not in conn.channels:
+            return
+        conn.channels.discard(channel)
+        subs = self.channels.get(channel)
+        if subs is not None:
+            subs.discard(conn)  # the set itself goes (and the broker unsubscribes) in _leave
+        watching = self.watchers.get(channel)
+        if watching is not None:
+            watching.discard(conn)
+        conn.push(p.frame({"op": "unsub", "ch": channel, "reason": reason}), force=True)
+        task = asyncio.get_running_loop().create_task(self._leave_quietly(conn, channel))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
+    async def _leave_quietly(self, conn: Connection, channel: str) -> None:
+        try:
+            await self._leave(conn, channel)
+        except Exception as exc:  # presence entries expire by TTL; nothing else is left
+            log.warning("realtime: leaving %s after its access ended failed: %r", channel, exc)
+
+
+        if offset is None and (user := revoked_user(text)) is not None:
+            self._revoke_here(channel, user)  # from another node (or our own, again)
+            return
     def _deliver(self, channel: str, offset: int | None, text: str, at: float) -> None:
         if offset is None and p.is_presence_frame(text):
             subs = self.watchers.get(channel)
