@@ -230,6 +230,9 @@ class Settings(BaseSettings):
     realtime_history_ttl_s: float = 300.0
     realtime_presence_ttl_s: float = 30.0
     realtime_ping_interval_s: float = 20.0
+    # How often each node asks again whether every subscription is still allowed
+    # (the bound on access after e.g. a room leave whose revoke signal was lost).
+    realtime_reauthorize_interval_s: float = 30.0
 
     @field_validator("catalog_url")
     @classmethod
@@ -247,9 +250,6 @@ class Settings(BaseSettings):
     @classmethod
     def _template(cls, v: str) -> str:
         return check_data_url("TENFOLD_SHARD_URL", v)
-    # How often each node asks again whether every subscription is still allowed
-    # (the bound on access after e.g. a room leave whose revoke signal was lost).
-    realtime_reauthorize_interval_s: float = 30.0
 
     @field_validator("shard_replica_urls")
     @classmethod
@@ -301,6 +301,7 @@ class Settings(BaseSettings):
             "realtime_history_ttl_s",
             "realtime_presence_ttl_s",
             "realtime_ping_interval_s",
+            "realtime_reauthorize_interval_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
@@ -322,7 +323,6 @@ class Settings(BaseSettings):
             ("realtime_send_queue", 1, 1_000_000),
             ("realtime_max_channels", 1, 100_000),
             ("realtime_publish_burst", 1, 1_000_000),
-            "realtime_reauthorize_interval_s",
             ("realtime_max_conns_per_user", 1, 1_000_000),
             ("realtime_history_size", 1, 1_000_000),
             ("gc_gen0_threshold", 0, 10_000_000),

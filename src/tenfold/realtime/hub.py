@@ -40,8 +40,8 @@ import orjson
 
 from tenfold.errors import BrokerUnavailable
 from tenfold.realtime import metrics
-from tenfold.realtime.access import Reauthorizer, revoke_frame, revoked_user
 from tenfold.realtime import protocol as p
+from tenfold.realtime.access import Reauthorizer, revoke_frame, revoked_user
 from tenfold.realtime.base import Broker
 from tenfold.realtime.connection import Connection, QueuedConnection
 from tenfold.realtime.presence import PresenceEvents
@@ -211,6 +211,7 @@ class Hub:
         that are not JSON reach clients as a broken frame."""
         p.check_channel(channel)
         return await self.broker.publish(channel, payload, ephemeral=ephemeral)
+
     async def revoke(self, channel: str, user: str) -> int:
         """End `user`'s subscriptions to `channel` on every node (call it once the
         change that took the right away has committed). Returns how many ended here.
@@ -269,11 +270,10 @@ class Hub:
         except Exception as exc:  # presence entries expire by TTL; nothing else is left
             log.warning("realtime: leaving %s after its access ended failed: %r", channel, exc)
 
-
+    def _deliver(self, channel: str, offset: int | None, text: str, at: float) -> None:
         if offset is None and (user := revoked_user(text)) is not None:
             self._revoke_here(channel, user)  # from another node (or our own, again)
             return
-    def _deliver(self, channel: str, offset: int | None, text: str, at: float) -> None:
         if offset is None and p.is_presence_frame(text):
             subs = self.watchers.get(channel)
             if subs:
