@@ -15,9 +15,11 @@
   deleted and re-created stream (a history reset) is a new epoch.
 - Presence and per-user connection counts: JetStream stream `TF_RT_PRESENCE`,
   one subject per entry (`tf.rtp.<channel>.<user>.<name>.<conn>` and
-  `tf.rtc.<user>.<conn>`), one message per subject, `max_age` = the presence
-  TTL; each node re-publishes its entries on every heartbeat, so a crashed
-  node's entries expire. Counting is a filtered stream-info (server side).
+  `tf.rtc.<user>.<slot>`, slot < the per-user limit), one message per
+  subject, `max_age` = the presence TTL; each node re-publishes its entries on
+  every heartbeat, so a crashed node's entries expire. Counting is a filtered
+  stream-info (server side); a connection slot is reserved atomically by a
+  store conditional on the subject being empty (`conn_acquire`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from typing import Any
 
@@ -95,6 +98,7 @@ class NatsBroker(Broker):
         self._js: Any = None
         self._subs: dict[str, Any] = {}
         self._last: dict[str, int] = {}  # channel -> last offset this node knows
+        self._slots: dict[str, str] = {}  # connection id -> the slot subject it holds
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> NatsBroker:
@@ -329,19 +333,43 @@ class NatsBroker(Broker):
         return {u for u, n in zip(users, counts, strict=True) if n}
 
     async def conn_acquire(self, user: str, conn: str, limit: int) -> bool:
-        # Claim first, then count: concurrent claims may both be refused, never both admitted.
-        await self._jsm().publish(f"tf.rtc.{_token(user)}.{_token(conn)}", b"")
-        count = await self._count(f"tf.rtc.{_token(user)}.*")
-        if count > limit:
-            await self.conn_release(user, conn)
+        """Reserve one of the user's `limit` slots, `tf.rtc.<user>.<n>`, atomically.
+
+        A slot is taken by a store that JetStream accepts only while the slot's
+        subject holds no message (`Nats-Expected-Last-Subject-Sequence: 0`), so
+        two connections never hold one slot and a burst of any size admits
+        exactly the free slots. (Claiming a per-connection subject and then
+        counting, as before, made every claim of a burst see the others and
+        all refuse: 500 at once, 0 admitted.) The count first refuses a full
+        user in one request; probing starts at a random slot so a burst does
+        not queue on slot 0.
+        """
+        prefix = f"tf.rtc.{_token(user)}"
+        if await self._count(f"{prefix}.*") >= limit:
             return False
-        return True
+        start = random.randrange(limit)
+        for i in range(limit):
+            slot = (start + i) % limit
+            try:
+                await self._jsm().publish(
+                    f"{prefix}.{slot}",
+                    conn.encode(),
+                    headers={"Nats-Expected-Last-Subject-Sequence": "0"},
+                )
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != _WRONG_LAST_SEQ:
+                    raise
+                continue  # held by another connection
+            self._slots[conn] = f"{prefix}.{slot}"
+            return True
+        return False
 
     async def conn_release(self, user: str, conn: str) -> None:
+        subject = self._slots.pop(conn, None)
+        if subject is None:
+            return
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self._jsm().purge_stream(
-                PRESENCE, subject=f"tf.rtc.{_token(user)}.{_token(conn)}"
-            )
+            await self._jsm().purge_stream(PRESENCE, subject=subject)
 
     async def refresh(
         self, presence: list[tuple[str, str, str, str]], conns: list[tuple[str, str]]
@@ -349,8 +377,13 @@ class NatsBroker(Broker):
         await self._refresh_epoch()
         for channel, conn, user, name in presence:
             await self._conn().publish(self._presence_subject(channel, conn, user, name), b"")
-        for user, conn in conns:
-            await self._conn().publish(f"tf.rtc.{_token(user)}.{_token(conn)}", b"")
+        for _, conn in conns:
+            # Renew the slot it holds (a plain publish: one round trip per beat, not
+            # per connection). A node stalled past the TTL may find its slot taken
+            # and share it until the other leaves: one over the limit at worst.
+            slot = self._slots.get(conn)
+            if slot is not None:
+                await self._conn().publish(slot, conn.encode())
         await self._conn().flush(timeout=self.request_timeout_s)
 
 
