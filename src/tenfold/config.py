@@ -165,6 +165,23 @@ class Settings(BaseSettings):
     topology_ttl_s: float = 5.0
     topology_refresh_wait_s: float = 0.25
     replica_retry_s: float = 5.0
+    # Per shard and per process (docs/resilience.md): at most shard_max_concurrent
+    # connections leased at once, callers beyond wait at most shard_max_wait_s
+    # (shard_max_waiting of them), and a full shard that freed nothing for
+    # shard_stall_after_s is stalled: its waiters leave, new callers are refused.
+    # Keep shard_max_concurrent below the admission floor (admission_initial_limit
+    # // 8) so a stalled shard cannot hold the whole admission budget.
+    # shard_breaker_failures consecutive unavailable/timed-out leases open the
+    # shard's breaker for shard_breaker_open_s.
+    shard_max_concurrent: int = 4
+    shard_max_wait_s: float = 0.5
+    shard_max_waiting: int = 64
+    shard_stall_after_s: float = 0.1
+    shard_breaker_failures: int = 5
+    shard_breaker_open_s: float = 1.0
+    # /readyz: "any" = ready while the catalog and at least one shard answer
+    # (one dead shard must not take every process out of rotation); "all" = every shard.
+    readiness_shards: Literal["any", "all"] = "any"
     id_worker_lease_s: float = 60.0
     migrations_dir: Path | None = None
 
@@ -287,6 +304,10 @@ class Settings(BaseSettings):
             "topology_ttl_s",
             "topology_refresh_wait_s",
             "replica_retry_s",
+            "shard_max_concurrent",
+            "shard_stall_after_s",
+            "shard_breaker_failures",
+            "shard_breaker_open_s",
             "id_worker_lease_s",
             "events_connect_timeout_s",
             "events_publish_timeout_s",
@@ -307,6 +328,12 @@ class Settings(BaseSettings):
                 raise ConfigError(
                     f"TENFOLD_{name.upper()}", f"must be > 0, got {getattr(self, name)}"
                 )
+        if self.shard_max_wait_s < 0 or self.shard_max_waiting < 0:
+            raise ConfigError(
+                "TENFOLD_SHARD_MAX_WAIT_S",
+                f"shard_max_wait_s ({self.shard_max_wait_s}) and shard_max_waiting "
+                f"({self.shard_max_waiting}) must be >= 0",
+            )
         if not 0 <= self.relay_linger_s <= 1:
             raise ConfigError("TENFOLD_RELAY_LINGER_S", f"must be 0..1, got {self.relay_linger_s}")
         if self.id_worker_lease_s < 10:

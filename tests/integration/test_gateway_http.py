@@ -78,8 +78,12 @@ async def test_healthz_and_readyz_list_every_shard(tmp_path: Path) -> None:
 
 
 async def test_readyz_503_when_a_shard_is_unreachable(tmp_path: Path) -> None:
+    # Under the "all" policy; the default ("any") stays ready with one shard down
+    # (tests/integration/test_arena_shard_down.py).
     base = tmp_path / "gw"
-    settings = sqlite_settings(base, shards=1, connect_timeout_s=0.5, drain_timeout_s=0.2)
+    settings = sqlite_settings(
+        base, shards=1, connect_timeout_s=0.5, drain_timeout_s=0.2, readiness_shards="all"
+    )
     dead = ShardSpec(name="dead", url=f"postgresql://u:p@127.0.0.1:{free_port()}/nothing")
     settings = settings.model_copy(update={"shards": [*settings.shards, dead]})
     app = tiny_app(settings)

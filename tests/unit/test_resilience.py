@@ -48,6 +48,7 @@ def test_public_api_is_pinned():
     assert sorted(tenfold.resilience.__all__) == sorted(
         [
             "DEFAULT_RETRY_ON",
+            "Backoff",
             "BreakerMachine",
             "BreakerPolicy",
             "BreakerRegistry",
@@ -607,3 +608,59 @@ async def test_deadline_seconds_are_validated(seconds):
     with pytest.raises(ConfigError):
         async with deadline(seconds, what="x"):
             pass
+
+
+# -- bulkhead: a stalled bulkhead refuses at once -------------------------------
+
+
+async def test_stalled_bulkhead_refuses_at_once_instead_of_parking_callers():
+    clock = FakeClock()
+    bulkhead = Bulkhead(
+        "bh:stall", max_concurrent=2, max_wait_s=5.0, stall_after_s=0.5, clock=clock
+    )
+    await bulkhead.acquire()
+    await bulkhead.acquire()  # full now: the stall clock starts
+    assert bulkhead.stalled_for_s() == 0.0 and not bulkhead.stalled()
+
+    clock.now += 0.4  # full but recently filled: a caller still waits for a slot
+    waiter = asyncio.create_task(bulkhead.acquire())
+    await asyncio.sleep(0)
+    assert bulkhead.waiting == 1
+    bulkhead.release()  # progress: the waiter gets the slot, the clock restarts
+    await waiter
+    assert bulkhead.in_use == 2
+
+    clock.now += 0.6  # no slot freed for 0.6 s >= stall_after_s: stalled
+    assert bulkhead.stalled() and bulkhead.stalled_for_s() == pytest.approx(0.6)
+    with pytest.raises(BulkheadFull):
+        await asyncio.wait_for(bulkhead.acquire(), 0.1)  # refused at once, not after 5 s
+    assert bulkhead.waiting == 0
+
+    bulkhead.release()  # a slot frees: no longer full, no longer stalled
+    assert not bulkhead.stalled() and bulkhead.stalled_for_s() == 0.0
+    await bulkhead.acquire()
+    assert bulkhead.in_use == 2
+
+
+def test_stall_after_s_is_validated():
+    with pytest.raises(ConfigError, match="stall_after_s"):
+        Bulkhead("bh:bad", max_concurrent=1, max_wait_s=1.0, stall_after_s=0)
+
+
+async def test_breaker_admit_and_settle_by_ticket_and_report_transitions():
+    clock = FakeClock()
+    seen: list[BreakerState] = []
+    breaker = CircuitBreaker(
+        "shard:tk", failure_threshold=2, open_s=1.0, clock=clock, on_transition=seen.append
+    )
+    first, second = breaker.admit(), breaker.admit()
+    breaker.settle(first, RuntimeError("down"))
+    breaker.settle(second, RuntimeError("down"))
+    assert breaker.state is OPEN and seen == [OPEN]
+    assert breaker.retry_in_s() == pytest.approx(1.0)
+    with pytest.raises(CircuitOpen):
+        breaker.admit()
+    clock.now += 1.0
+    probe = breaker.admit()
+    breaker.settle(probe, None)
+    assert breaker.state is CLOSED and seen == [OPEN, HALF, CLOSED]

@@ -13,8 +13,13 @@ Invariants:
   is the resharding layer's job (the epoch is its hook).
 - A shard that cannot be reached fails only the requests routed to it, after
   its bounded connect timeout; pools are per shard and created lazily.
-- `read_for` prefers a healthy replica (round robin); a replica that failed is
-  skipped for `replica_retry_s`, and the primary serves when none is healthy.
+- Every lease of a shard database goes through its `ShardGuard` (data/guard.py):
+  a circuit breaker (a dead shard fails in microseconds once it tripped) and a
+  bulkhead (a stalled shard holds at most `shard_max_concurrent` requests; the
+  rest are refused at once), so a bad shard costs only its own requests.
+- `read_for` prefers a healthy replica (round robin); a replica that failed has
+  its breaker opened for `replica_retry_s`, and the primary serves when none
+  is healthy.
 """
 
 from __future__ import annotations
@@ -34,10 +39,20 @@ from tenfold.config import Settings, ShardSpec, load_settings
 from tenfold.data import migrations
 from tenfold.data.base import Connection, Pool, PoolOptions, Record, pool_from_url
 from tenfold.data.catalog import Catalog, WorkerLease
+from tenfold.data.guard import Guarded, GuardOptions, ShardGuard
 from tenfold.data.scatter import ScatterResult, gather_shards, merge_rows
-from tenfold.errors import ConfigError, DataError, KeyspaceError, ShardUnavailable, TenfoldError
+from tenfold.errors import (
+    ConfigError,
+    DataError,
+    KeyspaceError,
+    ShardTimeout,
+    ShardUnavailable,
+    TenfoldError,
+)
 from tenfold.ids import IdGenerator, slot_of_id
 from tenfold.keyspace import Key, Topology, slot_of
+from tenfold.observe import metrics
+from tenfold.resilience import Backoff, BreakerState
 
 __all__ = ["ShardHealth", "ShardedDatabase"]
 
@@ -46,36 +61,69 @@ log = logging.getLogger("tenfold.data")
 
 @dataclass(frozen=True, slots=True)
 class ShardHealth:
+    """One shard primary as `health()` saw it.
+
+    `breaker` is its circuit breaker's state ("closed", "open", "half_open"),
+    `in_use` the leases it has in flight and `stalled` whether its bulkhead is
+    full and freed nothing for `shard_max_wait_s`.
+    """
+
     name: str
     url: str
     reachable: bool
     rtt_ms: float | None
     error: str | None
+    breaker: str = "closed"
+    in_use: int = 0
+    stalled: bool = False
 
 
 class _Shard:
-    """A shard's primary pool, its replica pools and their health."""
+    """A shard's primary pool, its replica pools, and a guard for each."""
 
-    def __init__(self, spec: ShardSpec, options: PoolOptions, retry_s: float) -> None:
+    def __init__(
+        self,
+        spec: ShardSpec,
+        options: PoolOptions,
+        guard: GuardOptions,
+        replica_retry_s: float,
+        clock: Callable[[], float],
+    ) -> None:
         self.name = spec.name
         self.primary = pool_from_url(spec.name, spec.url, options)
+        self.guard = ShardGuard(spec.name, self.primary.safe_url, guard, clock=clock)
         self.replicas = [
             pool_from_url(f"{spec.name}/replica{i}", url, options)
             for i, url in enumerate(spec.replicas)
         ]
-        self._down_until = [0.0] * len(self.replicas)
+        # A replica that fails once is skipped for replica_retry_s: a breaker
+        # tripping on the first fault, with the primary as the fallback.
+        replica_guard = GuardOptions(
+            max_concurrent=guard.max_concurrent,
+            max_wait_s=guard.max_wait_s,
+            max_waiting=guard.max_waiting,
+            failures=1,
+            open_s=replica_retry_s,
+            stall_after_s=guard.stall_after_s,
+            log_every_s=guard.log_every_s,
+        )
+        self.replica_guards = [
+            ShardGuard(pool.name, pool.safe_url, replica_guard, clock=clock)
+            for pool in self.replicas
+        ]
         self._next = itertools.cycle(range(len(self.replicas))) if self.replicas else None
-        self._retry_s = retry_s
 
-    def replica_order(self, now: float) -> list[int]:
+    def replica_order(self) -> list[int]:
+        """Replica indexes to try, round robin, skipping those whose breaker is open."""
         if self._next is None:
             return []
         start = next(self._next)
         order = [(start + i) % len(self.replicas) for i in range(len(self.replicas))]
-        return [i for i in order if self._down_until[i] <= now]
+        return [i for i in order if self.replica_guards[i].breaker.state is not BreakerState.OPEN]
 
-    def mark_down(self, index: int, now: float) -> None:
-        self._down_until[index] = now + self._retry_s
+    def lease(self, slot: int | None) -> Guarded:
+        """A guarded primary connection."""
+        return Guarded(self.guard, self.primary, slot)
 
     async def close(self) -> None:
         for pool in (self.primary, *self.replicas):
@@ -106,7 +154,7 @@ class _Lease:
         if db._clock() >= db._topology_deadline:
             await db._check_topology()
         if self._mode == _NAMED:
-            pool = db._named(self._name).primary
+            shard = db._named(self._name)
         else:
             topology = db._topology or db.topology  # the property raises when not open
             shard = db._shards[topology.shard_of_slot(self._slot)]  # type: ignore[arg-type]
@@ -114,8 +162,7 @@ class _Lease:
                 self._ctx, replica = await db._pick_replica(shard)
                 replica.slot = self._slot
                 return replica
-            pool = shard.primary
-        self._ctx = pool.acquire(self._slot)
+        self._ctx = shard.lease(self._slot)
         conn: Connection = await self._ctx.__aenter__()
         return conn
 
@@ -151,8 +198,17 @@ class ShardedDatabase:
             statement_cache_size=s.statement_cache_size,
             reset=s.pool_reset,
         )
+        self.guard_options = GuardOptions(
+            max_concurrent=s.shard_max_concurrent,
+            max_wait_s=s.shard_max_wait_s,
+            max_waiting=s.shard_max_waiting,
+            failures=s.shard_breaker_failures,
+            open_s=s.shard_breaker_open_s,
+            stall_after_s=s.shard_stall_after_s,
+        )
         self._shards = {
-            spec.name: _Shard(spec, self.options, s.replica_retry_s) for spec in s.shard_specs()
+            spec.name: _Shard(spec, self.options, self.guard_options, s.replica_retry_s, clock)
+            for spec in s.shard_specs()
         }
         # The catalog answers one query per TTL per process: a small pool is plenty.
         catalog_options = replace(self.options, min_size=1, max_size=min(4, s.pool_max_size))
@@ -307,8 +363,8 @@ class ShardedDatabase:
         shard = self.topology.shard_of_slot(slot)  # refuses a slot outside 0..4095 now
         if self._clock() < self._topology_deadline:
             # Fast path, the common case: the cached topology is fresh, so the
-            # pool's own context is handed out (one coroutine frame, not two).
-            return self._shards[shard].primary.acquire(slot)
+            # shard's guarded lease is handed out without a `_Lease` around it.
+            return self._shards[shard].lease(slot)
         return _Lease(self, slot, _PRIMARY)
 
     def shard_for_id(self, id_: int) -> AbstractAsyncContextManager[Connection]:
@@ -325,18 +381,19 @@ class ShardedDatabase:
         return _Lease(self, slot_of(key), _REPLICA)
 
     async def _pick_replica(self, shard: _Shard) -> tuple[Any, Connection]:
-        now = self._clock()
-        for index in shard.replica_order(now):
+        for index in shard.replica_order():
             try:
-                return await _enter(shard.replicas[index])
-            except ShardUnavailable as exc:
+                return await _enter(
+                    Guarded(shard.replica_guards[index], shard.replicas[index], None)
+                )
+            except (ShardUnavailable, ShardTimeout) as exc:
+                # Its breaker opened (failures=1): skipped for replica_retry_s.
                 log.warning(
                     "replica unavailable, skipping it for %ss: %s",
                     self.settings.replica_retry_s,
                     exc,
                 )
-                shard.mark_down(index, now)
-        return await _enter(shard.primary)
+        return await _enter(shard.lease(None))
 
     def _named(self, name: str) -> _Shard:
         try:
@@ -368,14 +425,29 @@ class ShardedDatabase:
         return self._ids
 
     async def _renew_lease(self, lease_s: float) -> None:
+        """Renew the id-worker lease every third of its length, until closed.
+
+        A failed renewal is tried again sooner, after the house backoff
+        (`tenfold.resilience.Backoff`: capped at a sixth of the lease and
+        jittered, so processes that lost the catalog together do not return in
+        step), instead of a whole third later, which let two failures in a row
+        lapse the lease.
+        """
+        backoff = Backoff(initial_s=min(0.1, lease_s / 60), max_s=lease_s / 6)
+        delay = lease_s / 3
         while self._lease is not None:
-            await asyncio.sleep(lease_s / 3)
+            await asyncio.sleep(delay)
             try:
-                if not await self.catalog.renew(self._lease, lease_s):
-                    log.error("id worker %s was taken over; ids stop", self._lease.worker)
-                    return
+                renewed = await self.catalog.renew(self._lease, lease_s)
             except DataError as exc:
-                log.warning("id worker lease renewal failed, retrying: %s", exc)
+                delay = backoff.next_s()
+                log.warning("id worker lease renewal failed, retrying in %.2f s: %s", delay, exc)
+                continue
+            backoff.reset()
+            delay = lease_s / 3
+            if not renewed:
+                log.error("id worker %s was taken over; ids stop", self._lease.worker)
+                return
 
     # -- many shards ------------------------------------------------------
 
@@ -417,12 +489,19 @@ class ShardedDatabase:
         """Ping every shard primary concurrently; never raises for a dead shard."""
 
         async def one(name: str) -> ShardHealth:
-            pool = self._shards[name].primary
+            shard = self._shards[name]
+            pool = shard.primary
+            # The ping goes to the pool, not through the guard: a health probe
+            # must neither wait in a stalled shard's bulkhead nor move its breaker.
+            guard = shard.guard.state()
+            extra = (guard["breaker"], guard["in_use"], guard["stalled"])
             try:
                 rtt = await pool.ping()
             except TenfoldError as exc:
-                return ShardHealth(name, pool.safe_url, False, None, str(exc))
-            return ShardHealth(name, pool.safe_url, True, rtt, None)
+                metrics.shard_up.labels(name).set(0)
+                return ShardHealth(name, pool.safe_url, False, None, str(exc), *extra)
+            metrics.shard_up.labels(name).set(1)
+            return ShardHealth(name, pool.safe_url, True, rtt, None, *extra)
 
         return list(await asyncio.gather(*(one(n) for n in self._shards)))
 
@@ -439,7 +518,6 @@ class ShardedDatabase:
         return [self.catalog.pool, *(s.primary for s in self._shards.values())]
 
 
-async def _enter(pool: Pool) -> tuple[Any, Connection]:
-    ctx = pool.acquire()
+async def _enter(ctx: Guarded) -> tuple[Any, Connection]:
     conn = await ctx.__aenter__()
     return ctx, conn

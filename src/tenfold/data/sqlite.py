@@ -29,6 +29,7 @@ from tenfold.errors import (
     ShardUnavailable,
 )
 from tenfold.observe import tracing
+from tenfold.resilience import Backoff
 
 __all__ = ["SqlitePool", "to_sqlite_params"]
 
@@ -224,7 +225,9 @@ def _map_error(pool: SqlitePool, exc: sqlite3.Error | OverflowError, sql: str) -
 async def _enable_wal(raw: aiosqlite.Connection) -> None:
     # Switching a new file to WAL needs an exclusive lock, and SQLite answers
     # "database is locked" at once (no busy wait) while another connection is
-    # committing to it; retry until the caller's connect timeout.
+    # committing to it; retry until the caller's connect timeout (the bound),
+    # waiting the house backoff (jittered, so racing openers do not retry in step).
+    backoff = Backoff(initial_s=0.005, max_s=0.1)
     while True:
         try:
             await raw.execute("PRAGMA journal_mode=WAL")
@@ -232,7 +235,7 @@ async def _enable_wal(raw: aiosqlite.Connection) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(backoff.next_s())
 
 
 _PENDING: set[asyncio.Future[None]] = set()  # rollbacks in flight (kept from GC)

@@ -214,21 +214,47 @@ class Runtime:
             gateway_metrics.pool_size.labels(pool.name).set(stats.max_size)
 
     async def readiness(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        """What `/readyz` reports: each shard, the cache and the broker, reachable or not."""
+        """What `/readyz` reports: whether this process can serve, and why.
+
+        Ready needs the catalog (routing and ids) and, by `readiness_shards`,
+        at least one shard ("any", the default) or every shard ("all"). One
+        dead or stalled shard is reported, not fatal: under a load balancer it
+        would otherwise take every process out of rotation, and the healthy
+        shards' users with it; its own requests already fail fast (503). The
+        cache, events and realtime brokers are checked as before.
+
+        The body has one entry per shard (`ok`, `rtt_ms`, `breaker`, `in_use`,
+        `stalled`, `error`), and `tenfold_shard_up{shard}` is set from it.
+        """
         out: dict[str, Any] = {"ready": True, "checks": {}}
+        checks = out["checks"]
         try:
             async with asyncio.timeout(timeout_s):
-                health = await self.db.health()
+                health, catalog_error = await asyncio.gather(self.db.health(), _catalog_error(self))
         except TimeoutError:
-            out["checks"]["shards"] = {"ok": False, "error": f"no answer within {timeout_s} s"}
+            checks["shards"] = {"ok": False, "error": f"no answer within {timeout_s} s"}
             out["ready"] = False
         else:
+            checks["catalog"] = {"ok": catalog_error is None}
+            if catalog_error is not None:
+                checks["catalog"]["error"] = catalog_error
+                out["ready"] = False
             for h in health:
-                entry: dict[str, Any] = {"ok": h.reachable}
+                entry: dict[str, Any] = {
+                    "ok": h.reachable,
+                    "rtt_ms": None if h.rtt_ms is None else round(h.rtt_ms, 3),
+                    "breaker": h.breaker,
+                    "in_use": h.in_use,
+                    "stalled": h.stalled,
+                }
                 if not h.reachable:
                     entry["error"] = h.error or "unreachable"
-                    out["ready"] = False
-                out["checks"][f"shard:{h.name}"] = entry
+                checks[f"shard:{h.name}"] = entry
+            up = sum(1 for h in health if h.reachable)
+            needed = len(health) if self.settings.readiness_shards == "all" else 1
+            out["shards_up"] = f"{up}/{len(health)}"
+            if up < needed:
+                out["ready"] = False
         for name, target in (
             ("cache", self.cache.l2),
             ("events", self.bus.backend),
@@ -241,11 +267,20 @@ class Runtime:
                 async with asyncio.timeout(timeout_s):
                     await probe()
             except Exception as exc:  # a readiness probe reports, never raises
-                out["checks"][name] = {"ok": False, "error": str(exc) or type(exc).__name__}
+                checks[name] = {"ok": False, "error": str(exc) or type(exc).__name__}
                 out["ready"] = False
             else:
-                out["checks"][name] = {"ok": True}
+                checks[name] = {"ok": True}
         return out
+
+
+async def _catalog_error(runtime: Runtime) -> str | None:
+    """Why the catalog does not answer, or None when it does (readiness reports, never raises)."""
+    try:
+        await runtime.db.catalog.pool.ping()
+    except TenfoldError as exc:
+        return str(exc)
+    return None
 
 
 def _auth_secret(s: Settings) -> str:

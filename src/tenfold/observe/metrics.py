@@ -198,6 +198,13 @@ breaker_transitions = Counter(
     ["name", "state"],
     registry=REGISTRY,
 )
+shard_up = Gauge(
+    "tenfold_shard_up",
+    "1 if the shard primary answered the last health check (/readyz, `tenfold status`), "
+    'else 0; its breaker is tenfold_breaker_state{name="shard:<shard>"}.',
+    ["shard"],
+    registry=REGISTRY,
+)
 bulkhead_in_use = Gauge(
     "tenfold_bulkhead_in_use", "Calls in flight inside a bulkhead.", ["name"], registry=REGISTRY
 )

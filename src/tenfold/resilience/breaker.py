@@ -252,6 +252,8 @@ class CircuitBreaker:
         counts_as_failure: which exceptions count as failures; the others
             pass through without moving the breaker. Default: any `Exception`
             (cancellation never counts).
+        on_transition: called with the new state after every state change
+            (after the metrics are updated), e.g. to log it.
     """
 
     def __init__(
@@ -265,9 +267,11 @@ class CircuitBreaker:
         half_open_max_calls: int = 1,
         clock: Clock = time.monotonic,
         counts_as_failure: Callable[[BaseException], bool] = _any_exception,
+        on_transition: Callable[[BreakerState], None] | None = None,
     ) -> None:
         self.name = name
         self._counts_as_failure = counts_as_failure
+        self._on_transition = on_transition
         policy = BreakerPolicy(
             failure_threshold=failure_threshold,
             failure_rate=failure_rate,
@@ -291,6 +295,28 @@ class CircuitBreaker:
     def _record_transition(self, state: BreakerState) -> None:
         metrics.breaker_state.labels(self.name).set(_STATE_GAUGE[state])
         metrics.breaker_transitions.labels(self.name, state.value).inc()
+        if self._on_transition is not None:
+            self._on_transition(state)
+
+    def admit(self) -> int:
+        """Admit one call and return its ticket, for callers that hold it themselves.
+
+        `async with` keeps tickets in a ContextVar; a caller that already has
+        an object per call (a pooled connection's lease) keeps the ticket there
+        instead and hands it back to `settle` exactly once.
+
+        Raises:
+            CircuitOpen: the call must not be made.
+        """
+        return self._admit()
+
+    def settle(self, ticket: int, exc: BaseException | None) -> None:
+        """Settle an admitted call: `exc` None for success, else judged by `counts_as_failure`."""
+        self._settle(ticket, exc)
+
+    def retry_in_s(self) -> float:
+        """Seconds until an open breaker lets a probe through (0 if not open)."""
+        return self.machine.retry_in_s()
 
     def _admit(self) -> int:
         ticket = self.machine.admit()

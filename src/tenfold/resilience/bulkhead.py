@@ -4,6 +4,13 @@ A slow dependency should use up its own bulkhead, not every task of the
 process. Callers beyond `max_concurrent` wait at most `max_wait_s` (and, if
 `max_waiting` is set, at most that many wait at once); then `BulkheadFull`.
 
+With `stall_after_s`, a full bulkhead that has freed no slot for that long is
+*stalled*: new callers are refused at once instead of waiting. A dependency
+that hangs (locks held for seconds) would otherwise keep `max_waiting` callers
+parked for `max_wait_s` each, and every parked caller holds what it holds
+upstream (a request's admission slot), which is how one stalled shard used to
+starve the healthy ones.
+
 Invariants (tests/unit/test_resilience.py checks them):
 
 1. At most `max_concurrent` callers are inside the bulkhead at any time.
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Callable
 from types import TracebackType
 
 from tenfold.errors import BulkheadFull, ConfigError
@@ -35,6 +44,9 @@ class Bulkhead:
             at once when full.
         max_waiting: most callers allowed to wait at once (None: bounded by
             `max_wait_s` only); beyond it, `BulkheadFull` at once.
+        stall_after_s: when full and no slot was freed for this long, refuse
+            at once instead of waiting (None: always wait up to `max_wait_s`).
+        clock: monotonic seconds, for the stall rule; a fake in tests.
     """
 
     def __init__(
@@ -44,6 +56,8 @@ class Bulkhead:
         max_wait_s: float,
         *,
         max_waiting: int | None = None,
+        stall_after_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_concurrent < 1:
             raise ConfigError(
@@ -55,14 +69,27 @@ class Bulkhead:
             )
         if max_waiting is not None and max_waiting < 0:
             raise ConfigError(f"bulkhead {name}: max_waiting", f"must be >= 0, got {max_waiting}")
+        if stall_after_s is not None and not (math.isfinite(stall_after_s) and stall_after_s > 0):
+            raise ConfigError(
+                f"bulkhead {name}: stall_after_s",
+                f"must be a finite number > 0 or None, got {stall_after_s}",
+            )
         self.name = name
         self.max_concurrent = max_concurrent
         self.max_wait_s = max_wait_s
         self.max_waiting = max_waiting
+        self.stall_after_s = stall_after_s
+        self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrent)
         self._in_use = 0
         self._waiting = 0
-        metrics.bulkhead_in_use.labels(name).set(0)
+        # When a slot was last freed, or the bulkhead last filled up: the
+        # stall clock starts at whichever came later.
+        self._progress_at = clock()
+        # Bound once: a labels() lookup per call costs more than the bookkeeping.
+        self._gauge = metrics.bulkhead_in_use.labels(name)
+        self._rejections = metrics.bulkhead_rejections.labels(name)
+        self._gauge.set(0)
 
     @property
     def in_use(self) -> int:
@@ -74,8 +101,18 @@ class Bulkhead:
         """Callers waiting for a slot now."""
         return self._waiting
 
+    def stalled_for_s(self) -> float:
+        """Seconds the bulkhead has been full without freeing a slot (0 when not full)."""
+        if self._in_use < self.max_concurrent:
+            return 0.0
+        return max(0.0, self._clock() - self._progress_at)
+
+    def stalled(self) -> bool:
+        """Full, and no slot freed for `stall_after_s`: callers are refused at once."""
+        return self.stall_after_s is not None and self.stalled_for_s() >= self.stall_after_s
+
     def _reject(self) -> BulkheadFull:
-        metrics.bulkhead_rejections.labels(self.name).inc()
+        self._rejections.inc()
         return BulkheadFull(self.name, self.max_concurrent, self.max_wait_s)
 
     async def acquire(self) -> None:
@@ -85,27 +122,60 @@ class Bulkhead:
             BulkheadFull: no slot freed in time, or too many callers waiting.
         """
         if self._slots.locked():
-            if self.max_wait_s == 0 or (
-                self.max_waiting is not None and self._waiting >= self.max_waiting
+            if (
+                self.max_wait_s == 0
+                or (self.max_waiting is not None and self._waiting >= self.max_waiting)
+                or self.stalled()
             ):
                 raise self._reject()
             self._waiting += 1
             try:
-                async with asyncio.timeout(self.max_wait_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise self._reject() from None
+                await self._wait_for_slot()
             finally:
                 self._waiting -= 1
         else:
             await self._slots.acquire()  # free: returns without suspending
         self._in_use += 1
-        metrics.bulkhead_in_use.labels(self.name).set(self._in_use)
+        if self._in_use == self.max_concurrent:
+            self._progress_at = self._clock()  # just filled up: the stall clock starts
+        self._gauge.set(self._in_use)
+
+    async def _wait_for_slot(self) -> None:
+        """Wait at most `max_wait_s`, and give up as soon as the bulkhead stalls.
+
+        Without the second rule, callers already waiting when the dependency
+        hangs would each sit out the whole `max_wait_s`; with it they leave
+        `stall_after_s` after the last slot was freed. The wait is cut into
+        steps that end when the stall clock would run out, to look again.
+        """
+        if self.stall_after_s is None:
+            try:
+                async with asyncio.timeout(self.max_wait_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise self._reject() from None
+            return
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.max_wait_s
+        while True:
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                raise self._reject()
+            step = min(remaining, max(self.stall_after_s - self.stalled_for_s(), 0.001))
+            try:
+                async with asyncio.timeout(step):
+                    await self._slots.acquire()
+                return
+            except TimeoutError:
+                if self.stalled():
+                    raise self._reject() from None
 
     def release(self) -> None:
         """Return a slot taken by `acquire`."""
         self._in_use -= 1
-        metrics.bulkhead_in_use.labels(self.name).set(self._in_use)
+        if self.stall_after_s is not None:
+            self._progress_at = self._clock()
+        self._gauge.set(self._in_use)
         self._slots.release()
 
     async def __aenter__(self) -> Bulkhead:
