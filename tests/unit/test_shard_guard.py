@@ -170,3 +170,46 @@ async def test_a_cancelled_lease_gives_back_its_slot_and_ticket():
     assert guard.breaker.state is BreakerState.CLOSED
     pool.gate.set()
     await request()
+
+
+async def test_a_failed_lease_renewal_is_retried_after_the_house_backoff(monkeypatch, tmp_path):
+    """Not a whole third of the lease later (two failures in a row lapsed it), nor at once."""
+    from tenfold import ShardedDatabase
+    from tenfold.config import Settings
+    from tenfold.errors import ShardUnavailable as Unavailable
+
+    settings = Settings(
+        catalog_url=f"sqlite:///{tmp_path}/catalog.db", shard_url=f"sqlite:///{tmp_path}/s{{n}}.db"
+    )
+    db = ShardedDatabase(settings)
+    lease_s = 60.0
+    waits: list[float] = []
+    outcomes: list[BaseException | bool] = [
+        Unavailable("catalog", "u", "down"),
+        Unavailable("catalog", "u", "down"),
+        True,
+        False,  # taken over: the loop ends
+    ]
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await real_sleep(0)
+
+    async def renew(lease: Any, seconds: float) -> bool:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(db.catalog, "renew", renew)
+    db._lease = type("Lease", (), {"worker": 7})()  # type: ignore[assignment]
+    await asyncio.wait_for(db._renew_lease(lease_s), 5)
+    assert outcomes == []
+    first, retry1, retry2, after_success = waits
+    assert first == lease_s / 3 and after_success == lease_s / 3
+    # Jittered retries, capped at a sixth of the lease, growing from a small start.
+    assert 0 < retry1 <= min(0.1, lease_s / 60)
+    assert 0 < retry2 <= 2 * min(0.1, lease_s / 60)
+    assert retry1 != retry2
