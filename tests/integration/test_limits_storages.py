@@ -362,12 +362,15 @@ async def test_server_going_silent_after_load_is_bounded() -> None:
 
     server = await asyncio.start_server(answer_load_only, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    storage = RedisStorage(f"redis://127.0.0.1:{port}/0", timeout_s=0.2, recheck_after_s=60)
+    now = [0.0]
+    storage = RedisStorage(
+        f"redis://127.0.0.1:{port}/0", timeout_s=0.2, recheck_after_s=60, clock=lambda: now[0]
+    )
     try:
         started = time.monotonic()
         first = await storage.decide("u", TEN_PER_S)  # loads, then the EVALSHA times out
         assert storage.failures == 1 and first.allowed
-        storage._down_until = None  # as if recheck_after_s had passed
+        now[0] += 61  # recheck_after_s has passed: the breaker lets one probe through
         storage._loaded = True  # the hot path: no SCRIPT LOAD, only the EVALSHA
         async with asyncio.timeout(2.0):  # a failure, not a hang, if unbounded
             decisions = await asyncio.gather(*(storage.decide("u", TEN_PER_S) for _ in range(20)))

@@ -1,16 +1,21 @@
 """Redis L2: values with PX TTLs, tags as sets, invalidations over pub/sub.
 
-Every command runs within `timeout_s`; an error or timeout marks Redis down for
-`recheck_after_s` (during which calls answer as a miss / no-op without trying),
-logs one warning per outage, and is never raised to the caller.
+Every command runs within `timeout_s` behind a circuit breaker
+(`tenfold.resilience.CircuitBreaker`): an error or timeout opens it for
+`recheck_after_s`, during which calls answer as a miss / no-op without trying;
+then one probe is let through, and its success closes the breaker. One
+warning is logged per outage; nothing is ever raised to the caller.
 
-Commands go through `tenfold.resp.RespClient` (one auto-pipelined socket: an
-L2 hit is one GET without a connection-pool checkout, about a third of
-redis-py's per-call cost; see `benchmarks/cache_hits.py`); pub/sub stays on
-redis-py. The subscriber holds its own connection (no read timeout: it waits for
-messages) and reconnects every `recheck_after_s` while Redis is unreachable.
-After any reconnect it calls `on_message(None)`, because messages published
-while it was away are lost (pub/sub is fire-and-forget).
+Commands go through the process's shared Redis client
+(`tenfold.clients.redis`: one auto-pipelined `RespClient` per server, shared
+with the rate limiter; an L2 hit is one GET without a connection-pool checkout,
+about a third of redis-py's per-call cost; see `benchmarks/cache_hits.py`);
+pub/sub connections come from the same shared client's redis-py side. The
+subscriber holds its own connection (no read timeout: it waits for messages)
+and reconnects with `tenfold.resilience.Backoff` (capped at `recheck_after_s`)
+while Redis is unreachable. After any reconnect it calls `on_message(None)`,
+because messages published while it was away are lost (pub/sub is
+fire-and-forget).
 
 The cluster lock is `SET key token NX PX ttl`; it is released by a Lua
 compare-and-delete, so only the holder of the token can delete it.
@@ -29,14 +34,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from tenfold.cache.base import L2Backend, OnMessage
+from tenfold.clients.redis import RedisClient, redis_clients
 from tenfold.config import redact_url
 from tenfold.errors import ConfigError, MissingDependency
-from tenfold.resp import RespClient, RespReplyError, pack_bulk
+from tenfold.resilience import Backoff, BreakerState, CircuitBreaker
+from tenfold.resp import RespReplyError, pack_bulk
 
 try:
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise MissingDependency("redis", "redis", "a redis:// cache URL") from exc
@@ -63,9 +67,14 @@ class RedisL2(L2Backend):
         timeout_s: bound on one command, connect included.
         connections: sockets for commands, used round robin (one carries tens of
             thousands of pipelined calls per second).
-        recheck_after_s: after a failure, how long to answer as a miss without
-            trying Redis, so a dead server does not cost a timeout per call.
-        clock: monotonic seconds, for `recheck_after_s` only.
+        recheck_after_s: after a failure, how long the breaker stays open (calls
+            answer as a miss without trying Redis, so a dead server does not
+            cost a timeout per call); also the cap of the subscriber's backoff.
+        clock: monotonic seconds, for the breaker only.
+
+    Attributes:
+        client: the process's shared client for `url` (released by `close`).
+        breaker: the circuit breaker in front of every command.
     """
 
     def __init__(
@@ -89,15 +98,21 @@ class RedisL2(L2Backend):
         self.recheck_after_s = recheck_after_s
         self.clock = clock
         self.failures = 0  # calls answered as a miss / no-op because Redis failed
-        self._down_until: float | None = None
         self._listeners: list[asyncio.Task[None]] = []
-        self._resp = RespClient.from_url(url, connect_timeout_s=timeout_s, connections=connections)
-        self._sub_client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=None,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),  # no hidden retries: timeout_s is the bound
+        self.breaker = CircuitBreaker(
+            f"redis-cache {where}",
+            failure_threshold=1,  # one timeout already costs a caller timeout_s
+            open_s=recheck_after_s,
+            half_open_max_calls=1,
+            clock=clock,
         )
+        # The policy without the `async with` wrapper: an L2 hit stays one call deep.
+        self._breaker = self.breaker.machine
+        self.client: RedisClient = redis_clients.acquire(
+            url, connect_timeout_s=timeout_s, connections=connections
+        )
+        self._resp = self.client.commands
+        self._closed = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisL2:
@@ -105,15 +120,16 @@ class RedisL2(L2Backend):
         return cls(url, **options)
 
     async def get(self, key: str) -> bytes | None:
-        if self._down_until is not None and not self._recheck():
+        ticket = self._breaker.admit()
+        if ticket is None:
+            self.failures += 1
             return None
         try:
             value = await self._resp.execute_packed(_GET + pack_bulk(key), timeout_s=self.timeout_s)
         except _ERRORS as exc:
-            self._failed(exc)
+            self._failed(ticket, exc)
             return None
-        if self._down_until is not None:
-            self._back()
+        self._succeeded(ticket)
         return value if isinstance(value, bytes) else None
 
     async def set(self, key: str, value: bytes, ttl_s: float, tags: Sequence[str] = ()) -> None:
@@ -197,15 +213,17 @@ class RedisL2(L2Backend):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._listeners.clear()
-        await self._resp.close()
-        await self._sub_client.aclose()
+        if not self._closed:  # the shared client closes with its last holder
+            self._closed = True
+            await redis_clients.release(self.client)
 
     async def _listen(
         self, channel: str, on_message: OnMessage, ready: asyncio.Future[None]
     ) -> None:
         missed = False  # True once a subscription failed or dropped: messages may be lost
+        backoff = Backoff(min(0.05, self.recheck_after_s), self.recheck_after_s)
         while True:
-            pubsub = self._sub_client.pubsub()
+            pubsub = self.client.pubsub_client().pubsub()
             try:
                 async with asyncio.timeout(self.timeout_s):
                     await pubsub.subscribe(channel)
@@ -213,18 +231,19 @@ class RedisL2(L2Backend):
                     ready.set_result(None)
                 if missed:
                     on_message(None)
+                backoff.reset()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
                         on_message(msg["data"])
             except _ERRORS as exc:
                 missed = True
-                self._mark_down(exc)
+                self._trip(exc)
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self.timeout_s):
                         await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8
-            await asyncio.sleep(self.recheck_after_s)
+            await asyncio.sleep(backoff.next_s())
 
     def _pipeline_checked(self, commands: Sequence[Sequence[Any]]) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
@@ -235,37 +254,21 @@ class RedisL2(L2Backend):
 
         return run
 
-    def _recheck(self) -> bool:
-        """True when a down Redis may be tried again; else counts the skipped call."""
-        assert self._down_until is not None
-        if self.clock() < self._down_until:
-            self.failures += 1
-            return False
-        return True
+    def _succeeded(self, ticket: int) -> None:
+        breaker = self._breaker
+        if breaker.probes_in_flight:  # a half-open probe: this success may close it
+            breaker.succeeded(ticket)
+            if breaker.state is BreakerState.CLOSED:
+                log.info("%s answers again; the shared cache is back", self.where)
+        else:
+            breaker.succeeded(ticket)
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, ticket: int, exc: BaseException) -> None:
         self.failures += 1
-        self._mark_down(exc)
-
-    def _back(self) -> None:
-        log.info("%s answers again; the shared cache is back", self.where)
-        self._down_until = None
-
-    async def _call(self, op: Callable[[], Awaitable[T]], default: T) -> T:
-        """Run `op` (whose commands carry `timeout_s`); a failure is `default`, never raised."""
-        if self._down_until is not None and not self._recheck():
-            return default
-        try:
-            result = await op()
-        except _ERRORS as exc:
-            self._failed(exc)
-            return default
-        if self._down_until is not None:
-            self._back()
-        return result
-
-    def _mark_down(self, exc: BaseException) -> None:
-        if self._down_until is None:
+        breaker = self._breaker
+        was_closed = breaker.state is BreakerState.CLOSED
+        breaker.failed(ticket)
+        if was_closed and breaker.state is BreakerState.OPEN:  # once per outage
             log.warning(
                 "%s is unavailable (%s: %s); cache reads are misses and writes are skipped "
                 "until it answers, rechecking every %g s",
@@ -274,4 +277,24 @@ class RedisL2(L2Backend):
                 exc or "timed out",
                 self.recheck_after_s,
             )
-        self._down_until = self.clock() + self.recheck_after_s
+
+    def _trip(self, exc: BaseException) -> None:
+        """A failure seen outside a command (the subscriber lost Redis): open the breaker."""
+        ticket = self._breaker.admit()
+        if ticket is not None:
+            self._failed(ticket, exc)
+            self.failures -= 1  # no caller was answered as a miss
+
+    async def _call(self, op: Callable[[], Awaitable[T]], default: T) -> T:
+        """Run `op` (whose commands carry `timeout_s`); a failure is `default`, never raised."""
+        ticket = self._breaker.admit()
+        if ticket is None:
+            self.failures += 1
+            return default
+        try:
+            result = await op()
+        except _ERRORS as exc:
+            self._failed(ticket, exc)
+            return default
+        self._succeeded(ticket)
+        return result

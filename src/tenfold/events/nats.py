@@ -8,6 +8,11 @@
 The event id travels as `Nats-Msg-Id` (the stream de-duplicates within its
 duplicate window); slot, time and key share one `Tf-Meta` header.
 
+Connection: the process's shared NATS connection for the URL
+(`tenfold.clients.nats`, shared with the realtime broker); nats-py reconnects
+it. A partition worker whose fetch fails waits `tenfold.resilience.Backoff`
+before the next one.
+
 Durability: JetStream acknowledges a write before it reaches disk unless the
 server runs with
 `jetstream { sync_interval: always }`; the local stack and the fault tests do,
@@ -20,7 +25,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,12 +45,14 @@ from tenfold.events.base import (
     TopicStatus,
 )
 from tenfold.events.dispatch import deliver
+from tenfold.resilience.backoff import Backoff
 
 try:
-    import nats
     import nats.errors
     import nats.js.errors
     from nats.js import api
+
+    from tenfold.clients.nats import NatsClient, nats_clients
 except ImportError as exc:  # pragma: no cover - only without the extra
     raise MissingDependency("nats-py", "nats", "a nats:// events URL") from exc
 
@@ -113,30 +119,18 @@ class NatsStreams(StreamBackend):
         self.publish_timeout_s = publish_timeout_s
         self.handler_timeout_s = handler_timeout_s
         self.fetch_wait_s = fetch_wait_s
+        self.client: NatsClient | None = None  # the shared connection, while started
         self._nc: Any = None
         self._js: Any = None
-        self._closing = False
+        self._stops: set[Callable[[], Awaitable[None]]] = set()
 
     async def start(self) -> None:
-        if self._nc is not None and not self._nc.is_closed:
+        if self.client is not None:
             return
-        self._closing = False
-        try:
-            # nats-py retries the first connect forever when reconnects are
-            # unbounded, so the first connect gets its own bound.
-            async with asyncio.timeout(self.connect_timeout_s * 2):
-                self._nc = await nats.connect(
-                    self.url,
-                    connect_timeout=self.connect_timeout_s,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnect,
-                )
-        except (*_BROKER_ERRORS, nats.errors.NoServersError) as exc:
-            raise BrokerUnavailable(self.safe_url, f"cannot connect: {exc!r}") from exc
-        self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
+        # Bounded (2 x connect_timeout_s); BrokerUnavailable when the server is not there.
+        client = await nats_clients.acquire(self.url, connect_timeout_s=self.connect_timeout_s)
+        self.client, self._nc = client, client.nc
+        self._js = client.nc.jetstream(timeout=self.publish_timeout_s)
 
     async def ping(self) -> None:
         nc = self._nc
@@ -147,21 +141,14 @@ class NatsStreams(StreamBackend):
         except (*_BROKER_ERRORS, nats.errors.FlushTimeoutError) as exc:
             raise BrokerUnavailable(self.safe_url, f"no answer to a ping: {exc!r}") from exc
 
-    async def _on_error(self, exc: Exception) -> None:
-        log.debug("nats %s: %s", self.safe_url, exc)
-
-    async def _on_disconnect(self) -> None:
-        if not self._closing:
-            log.warning("nats %s: disconnected, reconnecting", self.safe_url)
-
     async def close(self) -> None:
-        nc, self._nc = self._nc, None
-        self._closing = True
-        if nc is not None and not nc.is_closed:
-            try:
-                await asyncio.wait_for(nc.drain(), self.connect_timeout_s)
-            except (*_BROKER_ERRORS, asyncio.CancelledError):
-                await nc.close()
+        """Stop this backend's consumers and release the shared connection (the last
+        holder drains and closes it)."""
+        for stop in list(self._stops):
+            await stop()
+        client, self.client, self._nc, self._js = self.client, None, None, None
+        if client is not None:
+            await nats_clients.release(client)
 
     def _jetstream(self) -> Any:
         if self._js is None:
@@ -258,14 +245,16 @@ class NatsStreams(StreamBackend):
         ]
 
         async def stop() -> None:
+            self._stops.discard(stop)
             stopping.set()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for sub in subs:
+            for sub in subs:  # the connection is shared: leave nothing of ours on it
                 with contextlib.suppress(*_BROKER_ERRORS):
                     await sub.unsubscribe()
 
+        self._stops.add(stop)
         return stop
 
     def _consumer_config(self, spec: TopicSpec, group: str, p: int, start: StartPosition) -> Any:
@@ -314,15 +303,14 @@ class NatsStreams(StreamBackend):
         policy: RetryPolicy,
         stopping: asyncio.Event,
     ) -> None:
-        failures = 0
+        backoff = Backoff(0.05, 5.0)
         while not stopping.is_set():
             try:
                 msgs = await sub.fetch(1, timeout=self.fetch_wait_s)
             except nats.errors.TimeoutError:
                 continue
             except _BROKER_ERRORS as exc:
-                failures += 1
-                delay = min(5.0, 0.05 * 2**failures) * (0.5 + random.random() / 2)
+                delay = backoff.next_s()
                 log.warning(
                     "%s/%s[%d]: fetch failed (%r); retrying in %.2fs",
                     spec.name,
@@ -333,7 +321,7 @@ class NatsStreams(StreamBackend):
                 )
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
+            backoff.reset()
             for msg in msgs:
                 await self._handle(spec, group, p, msg, handler, policy)
 

@@ -2,15 +2,18 @@
 
 Flow of one decision::
 
-    decide(key) ─▶ down recently? ─yes─▶ on_error policy (local limiter or deny)
-                   │ no
+    decide(key) ─▶ breaker admits? ─no (open)─▶ on_error policy (local limiter or deny)
+                   │ yes (closed, or the one half-open probe)
                    ▼
                  EVALSHA gcra.lua (one round trip, within timeout_s)
                    ├─ NOSCRIPT (restart, failover, SCRIPT FLUSH) ─▶ SCRIPT LOAD, EVALSHA again
-                   ├─ error or timeout ─▶ mark down for recheck_after_s ─▶ on_error policy
-                   └─ reply ─▶ Decision
+                   ├─ error or timeout ─▶ breaker opens for recheck_after_s ─▶ on_error policy
+                   └─ reply ─▶ Decision (a probe's success closes the breaker)
 
-Redis is spoken through `tenfold.resp.RespClient`, a lean asyncio client
+The breaker is `tenfold.resilience.CircuitBreaker` (one failure opens it: one
+timeout already cost a caller `timeout_s`). Redis is spoken through the
+process's shared client (`tenfold.clients.redis`, shared with the cache): a
+`tenfold.resp.RespClient`, a lean asyncio client
 (one socket by default): concurrent `decide` calls write their EVALSHA at once
 on the shared connection and their replies come back in order (auto-pipelining),
 so N concurrent callers share round trips without any queue here, and a single
@@ -44,9 +47,11 @@ from tenfold.limits.base import DecideItem, LimiterStorage
 from tenfold.limits.gcra import Decision
 from tenfold.limits.memory import MemoryStorage
 from tenfold.limits.rules import Rule
+from tenfold.resilience import BreakerState, CircuitBreaker
 
 try:
-    from tenfold.resp import RespClient, RespReplyError, pack, pack_bulk
+    from tenfold.clients.redis import RedisClient, redis_clients
+    from tenfold.resp import RespReplyError, pack, pack_bulk
 except ImportError as exc:  # pragma: no cover - only without the extra (hiredis)
     raise MissingDependency("hiredis", "redis", "a redis:// limits URL") from exc
 
@@ -73,10 +78,15 @@ class RedisStorage(LimiterStorage):
         on_error: "open" (answer from a local memory limiter) or "closed"
             (deny) while Redis is down or slow.
         closed_retry_after_s: the `retry_after_s` of a fail-closed denial.
-        recheck_after_s: after a failure, how long to apply `on_error` without
-            trying Redis, so a dead server does not cost a timeout per request.
+        recheck_after_s: after a failure, how long the breaker stays open (apply
+            `on_error` without trying Redis, so a dead server does not cost a
+            timeout per request) before one probe is let through.
         fallback: the local storage used by `on_error="open"`.
-        clock: monotonic seconds, for `recheck_after_s` only (GCRA uses Redis TIME).
+        clock: monotonic seconds, for the breaker only (GCRA uses Redis TIME).
+
+    Attributes:
+        client: the process's shared client for `url` (released by `close`).
+        breaker: the circuit breaker in front of every decision.
     """
 
     def __init__(
@@ -114,11 +124,21 @@ class RedisStorage(LimiterStorage):
         self.fallback = fallback if fallback is not None else MemoryStorage()
         self.clock = clock
         self.failures = 0  # decisions answered by the on_error policy (a metric to watch)
-        self._down_until: float | None = None
         self._loaded = False
-        self._client = RespClient.from_url(
+        self.breaker = CircuitBreaker(
+            f"redis-limits {where}",
+            failure_threshold=1,
+            open_s=recheck_after_s,
+            half_open_max_calls=1,
+            clock=clock,
+        )
+        # The policy without the `async with` wrapper: the hot path stays one call deep.
+        self._breaker = self.breaker.machine
+        self.client: RedisClient = redis_clients.acquire(
             url, connect_timeout_s=timeout_s, connections=connections
         )
+        self._client = self.client.commands
+        self._closed = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStorage:
@@ -126,7 +146,8 @@ class RedisStorage(LimiterStorage):
         return cls(url, **options)
 
     async def decide(self, key: str, rule: Rule, cost: int = 1) -> Decision:
-        if self._down_until is not None and self._skipping():
+        ticket = self._breaker.admit()
+        if ticket is None:
             return self._degraded(key, rule, cost)
         try:
             if self._loaded:  # the hot path: one call, bounded by the client's own timer
@@ -149,16 +170,16 @@ class RedisStorage(LimiterStorage):
                         "EVALSHA", SCRIPT_SHA, 1, self.prefix + key, *_rule_args(rule), cost
                     )
         except _ERRORS as exc:
-            self._mark_down(exc)
+            self._failed(ticket, exc)
             return self._degraded(key, rule, cost)
-        if self._down_until is not None:
-            self._mark_up()
+        self._succeeded(ticket)
         return _decision(reply, rule)
 
     async def decide_many(self, items: Sequence[DecideItem]) -> list[Decision]:
         if not items:
             return []
-        if self._skipping():
+        ticket = self._breaker.admit()
+        if ticket is None:
             return [self._degraded(key, rule, cost) for key, rule, cost in items]
         try:
             async with asyncio.timeout(self.timeout_s):  # a batch: its cost is amortised
@@ -167,13 +188,15 @@ class RedisStorage(LimiterStorage):
                     if isinstance(reply, Exception):
                         raise reply
         except _ERRORS as exc:
-            self._mark_down(exc)
+            self._failed(ticket, exc)
             return [self._degraded(key, rule, cost) for key, rule, cost in items]
-        self._mark_up()
+        self._succeeded(ticket)
         return [_decision(reply, rule) for reply, (_, rule, _) in zip(replies, items, strict=True)]
 
     async def close(self) -> None:
-        await self._client.close()
+        if not self._closed:  # the shared client closes with its last holder
+            self._closed = True
+            await redis_clients.release(self.client)
 
     async def _send(self, items: Sequence[DecideItem]) -> list[Any]:
         """One pipeline of EVALSHAs; NOSCRIPT → load the script and redo those items once.
@@ -206,11 +229,21 @@ class RedisStorage(LimiterStorage):
             ]
         )
 
-    def _skipping(self) -> bool:
-        return self._down_until is not None and self.clock() < self._down_until
+    def _succeeded(self, ticket: int) -> None:
+        breaker = self._breaker
+        if breaker.probes_in_flight:  # a half-open probe: this success may close it
+            breaker.succeeded(ticket)
+            if breaker.state is BreakerState.CLOSED:
+                log.info("%s answers again; shared limits are back", self.where)
+        else:
+            breaker.succeeded(ticket)
 
-    def _mark_down(self, exc: BaseException) -> None:
-        if self._down_until is None:
+    def _failed(self, ticket: int, exc: BaseException) -> None:
+        self._loaded = False  # a restarted server has no scripts
+        breaker = self._breaker
+        was_closed = breaker.state is BreakerState.CLOSED
+        breaker.failed(ticket)
+        if was_closed and breaker.state is BreakerState.OPEN:  # once per outage
             then = "answering from a local limiter" if self.on_error == "open" else "denying"
             log.warning(
                 "%s is unavailable (%s: %s); %s until it answers, rechecking every %g s",
@@ -220,13 +253,12 @@ class RedisStorage(LimiterStorage):
                 then,
                 self.recheck_after_s,
             )
-        self._loaded = False  # a restarted server has no scripts
-        self._down_until = self.clock() + self.recheck_after_s
 
-    def _mark_up(self) -> None:
-        if self._down_until is not None:
-            log.info("%s answers again; shared limits are back", self.where)
-            self._down_until = None
+    def _mark_down(self, exc: BaseException) -> None:
+        """Open the breaker as if a call had failed with `exc` (tests, operators)."""
+        ticket = self._breaker.admit()
+        if ticket is not None:
+            self._failed(ticket, exc)
 
     def _degraded(self, key: str, rule: Rule, cost: int) -> Decision:
         self.failures += 1

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from tenfold.realtime.access import Reauthorizer, revoke_frame, revoked_user
 from tenfold.realtime.base import Broker
 from tenfold.realtime.connection import Connection, QueuedConnection
 from tenfold.realtime.presence import PresenceEvents
+from tenfold.resilience.backoff import Backoff
 
 __all__ = ["Authorize", "CloseNow", "Hub", "HubLimits", "PrincipalLike", "default_authorize"]
 
@@ -139,10 +139,9 @@ class Hub:
         )
 
     async def _connect_loop(self) -> None:
-        failures = 0
+        backoff = Backoff(0.2, 5.0)  # the house's one capped, jittered wait
         while True:
-            failures += 1
-            await asyncio.sleep(min(5.0, 0.1 * 2**failures) * (0.5 + random.random() / 2))
+            await asyncio.sleep(backoff.next_s())
             try:
                 await self.broker.start(self._deliver)
             except BrokerUnavailable as exc:

@@ -20,6 +20,10 @@
   every heartbeat, so a crashed node's entries expire. Counting is a filtered
   stream-info (server side); a connection slot is reserved atomically by a
   store conditional on the subject being empty (`conn_acquire`).
+- Connection: the process's shared NATS connection for the URL
+  (`tenfold.clients.nats`, shared with the event log); nats-py reconnects it
+  and re-subscribes. `close` removes this broker's own subscriptions and
+  releases the connection; it is drained and closed by its last holder.
 """
 
 from __future__ import annotations
@@ -31,12 +35,12 @@ import random
 import time
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 import orjson
 from nats.js import api
 
+from tenfold.clients.nats import NatsClient, nats_clients
 from tenfold.config import redact_url
 from tenfold.errors import BrokerUnavailable
 from tenfold.realtime.base import Broker, Position
@@ -94,6 +98,7 @@ class NatsBroker(Broker):
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
         self.epoch = ""
+        self.client: NatsClient | None = None  # the shared connection, while started
         self._nc: Any = None
         self._js: Any = None
         self._subs: dict[str, Any] = {}
@@ -107,18 +112,17 @@ class NatsBroker(Broker):
 
     async def start(self, deliver: Any) -> None:
         await super().start(deliver)
+        if self.client is None:
+            # Bounded (2 x connect_timeout_s); BrokerUnavailable when the server is not there.
+            self.client = await nats_clients.acquire(
+                self.url, connect_timeout_s=self.connect_timeout_s
+            )
+        self._nc = self.client.nc
         try:
-            async with asyncio.timeout(self.connect_timeout_s * 2):
-                self._nc = await nats.connect(
-                    self.url,
-                    connect_timeout=self.connect_timeout_s,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                )
             self._js = self._nc.jetstream(timeout=self.request_timeout_s)
             await self._ensure_streams()
         except (TimeoutError, OSError, nats.errors.Error) as exc:
+            await self.close()  # nothing held after a failed start
             raise BrokerUnavailable(self.safe_url, f"realtime cannot connect: {exc!r}") from exc
 
     async def _ensure_streams(self) -> None:
@@ -159,13 +163,14 @@ class NatsBroker(Broker):
             self._last.clear()
 
     async def close(self) -> None:
-        nc, self._nc, self._js = self._nc, None, None
+        client, self.client, self._nc, self._js = self.client, None, None, None
+        subs = list(self._subs.values())
         self._subs.clear()
-        if nc is not None:
+        for sub in subs:  # the connection is shared: leave nothing of ours on it
             with contextlib.suppress(Exception):
-                await nc.drain()
-            with contextlib.suppress(Exception):
-                await nc.close()
+                await sub.unsubscribe()
+        if client is not None:
+            await nats_clients.release(client)
 
     def _conn(self) -> Any:
         if self._nc is None:
