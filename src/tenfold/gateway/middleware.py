@@ -2,8 +2,12 @@
 
     request id → body-size bound → authentication (Bearer JWT, verified once)
     → rate limits (the rules that name the request's route: `rule_routes.py`)
-    → admission (priority: critical for health probes, user, anonymous)
+    → admission (user, anonymous; the probes in CRITICAL_PATHS bypass it)
     → the app → RED metrics, `X-Request-Id` and `RateLimit-*` headers
+
+A request refused before routing (rate limit, shed) is still labelled by its
+route template in the metrics, and sheds are logged, at most one line per
+route per second (`ShedLog`).
 
 It is one class rather than a stack of `BaseHTTPMiddleware`s because every
 layer of those costs a task and a queue per request, and the issue's budget
@@ -22,11 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tenfold.errors import Overloaded
 from tenfold.gateway import metrics
 from tenfold.gateway.problems import problem_response, response_for
 from tenfold.gateway.rule_routes import RuleRoutes
+from tenfold.gateway.shed_log import ShedLog
 from tenfold.limits import header_pairs
 from tenfold.limits.gcra import Decision
 from tenfold.observe import tracing
@@ -37,6 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CRITICAL_PATHS", "TenfoldMiddleware", "request_id_var"]
 
+# Never rate limited, never shed: admission does not see them at all, so a full
+# budget (requests stuck on a stalled shard) cannot fail the probes that tell
+# an orchestrator the process is alive.
 CRITICAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _GOOD_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -75,6 +85,7 @@ class TenfoldMiddleware:
             for allowed in (True, False)
         }
         self._red: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self.sheds = ShedLog()
         self.in_flight = 0
         # read when scraped rather than written twice per request
         me = weakref.ref(self)
@@ -134,29 +145,30 @@ class TenfoldMiddleware:
         if too_big is not None:
             await problem_response(413, too_big, request_id=rid)(scope, receive, exchange)
             return
-        path = scope["path"]
-        priority = "critical" if path in CRITICAL_PATHS else "anonymous"
-        principal = self.runtime.authenticate(scope)
-        if principal is not None:
-            priority = "user"
-        if priority != "critical":
-            refused = await self._rate_limit(scope, principal, exchange)
-            if refused is not None:
-                await problem_response(
-                    429,
-                    f"rate limit {refused!r} reached; retry after the Retry-After delay",
-                    request_id=rid,
-                )(scope, receive, exchange)
-                return
         # With a Content-Length (checked above) the server delivers no more than
         # that; only a chunked body has to be counted as it streams in.
         bounded = receive if length is not None else self._bounded(receive)
+        if scope["path"] in CRITICAL_PATHS:
+            await self.app(scope, bounded, exchange)
+            return
+        principal = self.runtime.authenticate(scope)
+        priority = "anonymous" if principal is None else "user"
+        refused = await self._rate_limit(scope, principal, exchange)
+        if refused is not None:
+            await problem_response(
+                429,
+                f"rate limit {refused!r} reached; retry after the Retry-After delay",
+                request_id=rid,
+            )(scope, receive, exchange)
+            return
         try:
             async with self.runtime.admission.admit(priority):
                 await self.app(scope, bounded, exchange)
         except Exception as exc:  # a refusal before the app answered, or an escaped error
             if exchange.started:
                 raise
+            if isinstance(exc, Overloaded):
+                self.sheds.shed(_route_template(scope), exc)
             if isinstance(exc, _TooLarge):
                 response = problem_response(
                     413, f"the request body exceeds {self.max_body} bytes", request_id=rid
@@ -229,8 +241,8 @@ class TenfoldMiddleware:
 
     def _observe(self, scope: Scope, status: int, seconds: float) -> None:
         template = getattr(scope.get("route"), "path", None)
-        if template is None:  # Starlette routes (the probes) leave no route in the scope
-            template = scope["path"] if scope["path"] in CRITICAL_PATHS else "unmatched"
+        if template is None:  # refused before routing, or a Starlette route (the probes)
+            template = _route_template(scope)
         key = (scope.get("method", "GET"), template, status)
         found = self._red.get(key)
         if found is None:  # bounded: methods x route templates x status codes
@@ -267,6 +279,27 @@ class _Exchange:
                 hdrs.extend(header_pairs(self.decision))
             message = {**message, "headers": hdrs}
         await self.send(message)
+
+
+def _route_template(scope: Scope) -> str:
+    """The template of the route `scope` would reach, for a request refused before
+    routing; the probes by their path; "unmatched" when no route matches.
+    Only refusals, 404s and Starlette routes pay for the scan."""
+    path: str = scope["path"]
+    if path in CRITICAL_PATHS:
+        return path
+    app = scope.get("app")
+    partial = None
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        template = getattr(route, "path", None)
+        if template is None:
+            continue
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return str(template)
+        if match is Match.PARTIAL and partial is None:
+            partial = str(template)
+    return partial or "unmatched"
 
 
 def _tightness(decision: Decision) -> tuple[bool, int]:

@@ -26,6 +26,15 @@ Invariants (tests/unit/test_admission.py checks them):
    returns, raises or is cancelled; in_flight and the gauge always agree.
 4. At most `max_queue` callers wait, each at most `max_wait_s`, and a freed
    slot goes to the highest-priority waiter first.
+5. `step_aside()` inside an admitted request releases its slot at once and
+   exactly once; the request then feeds no latency sample (its time is spent
+   under another bound, e.g. the password hasher's bulkhead and queue).
+
+Why `step_aside`: a login waits for its turn at argon2 (CPU-bound, a few at
+a time) while holding an admission slot, and its seconds of queueing read as
+congestion: 40 logins at once filled the budget and shrank the limit, and 34
+were shed with 503 while the hasher would have served them all within its own
+bounded wait.
 """
 
 from __future__ import annotations
@@ -38,12 +47,19 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Protocol
 
 from tenfold.errors import ConfigError, Overloaded, ResilienceError
 from tenfold.observe import metrics
 
-__all__ = ["DEFAULT_PRIORITIES", "AdmissionController", "AimdLimit", "LimitAlgorithm"]
+__all__ = [
+    "DEFAULT_PRIORITIES",
+    "AdmissionController",
+    "AimdLimit",
+    "LimitAlgorithm",
+    "step_aside",
+]
 
 DEFAULT_PRIORITIES: Mapping[str, float] = {"critical": 1.0, "user": 0.9, "anonymous": 0.6}
 
@@ -341,14 +357,28 @@ class AdmissionController:
         return _Admission(self, priority)
 
 
+def step_aside() -> None:
+    """Give the running request's admission slot back now (invariant 5).
+
+    For work bounded by its own bulkhead, with its own queue and wait bound,
+    such as password hashing: its wait is not this process's congestion, and
+    the slot it would hold is better used by another request. A no-op outside
+    an admitted request (admission switched off, a background task).
+    """
+    admission = _admitted.get()
+    if admission is not None:
+        admission.step_aside()
+
+
 class _Admission:
     # A plain class, not @asynccontextmanager: every request enters one, and a
     # generator-based context manager costs a generator and two extra frames.
-    __slots__ = ("_controller", "_in_flight", "_priority", "_start")
+    __slots__ = ("_aside", "_controller", "_in_flight", "_priority", "_start", "_token")
 
     def __init__(self, controller: AdmissionController, priority: str) -> None:
         self._controller = controller
         self._priority = priority
+        self._aside = False
 
     async def __aenter__(self) -> None:
         c = self._controller
@@ -356,9 +386,18 @@ class _Admission:
             await c._acquire(self._priority)
         self._in_flight = c._in_flight
         self._start = c._clock()
+        self._token = _admitted.set(self)
+
+    def step_aside(self) -> None:
+        if not self._aside:
+            self._aside = True
+            self._controller._release()
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         c = self._controller
+        _admitted.reset(self._token)
+        if self._aside:
+            return  # released when it stepped aside; its latency is not ours to learn from
         try:
             if exc_type is None or not issubclass(exc_type, asyncio.CancelledError):
                 # a cancelled caller left: its latency says nothing
@@ -368,6 +407,10 @@ class _Admission:
                 c._algorithm.on_sample(c._clock() - self._start, self._in_flight, dropped=dropped)
         finally:
             c._release()
+
+
+# The admission the running request holds (set in the request's own task).
+_admitted: ContextVar[_Admission | None] = ContextVar("tenfold_admission", default=None)
 
 
 def _expire(future: asyncio.Future[None]) -> None:

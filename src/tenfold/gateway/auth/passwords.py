@@ -5,8 +5,13 @@ Invariants:
   login never stalls the event loop for the tens of milliseconds a hash takes.
 - At most `max_concurrent` hashes run at once: each takes `memory_kib` of RAM,
   so a login flood costs at most `max_concurrent * memory_kib`; a caller that
-  waits longer than `max_wait_s` for a turn gets `BulkheadFull` (answer 503).
+  waits longer than `max_wait_s` for a turn gets `BulkheadFull` (answer 503),
+  and so does one arriving while `max_waiting` callers already wait.
   The turn is held until the thread finishes, even if the caller is cancelled.
+- A request that comes to hash steps aside from admission control
+  (`tenfold.limits.admission.step_aside`): this queue and its bounds govern it
+  from there, and its wait is not read as the process's congestion (40 logins
+  at once were shed by admission while the hasher would have served them).
 - `verify` answers False for a wrong password and never raises for one; a
   stored hash that cannot be read raises `PasswordHashInvalid`.
 - Passwords and hashes never appear in an error message.
@@ -28,6 +33,7 @@ from argon2.exceptions import (
 )
 
 from tenfold.errors import BulkheadFull, ConfigError, PasswordHashInvalid, PasswordPolicyError
+from tenfold.limits.admission import step_aside
 
 __all__ = ["OWASP", "TESTING", "PasswordHasher", "PasswordParams", "check_password_policy"]
 
@@ -106,6 +112,7 @@ class PasswordHasher:
         params: cost parameters (`OWASP` by default; `TESTING` for tests).
         max_concurrent: hashes running at once (default: the CPU count, at most 8).
         max_wait_s: how long a caller waits for a turn before `BulkheadFull`.
+        max_waiting: callers allowed to wait for a turn at once; beyond, `BulkheadFull`.
         min_length, max_length: the password policy applied by `hash`.
     """
 
@@ -115,6 +122,7 @@ class PasswordHasher:
         *,
         max_concurrent: int | None = None,
         max_wait_s: float = 5.0,
+        max_waiting: int = 256,
         min_length: int = 8,
         max_length: int = 128,
     ) -> None:
@@ -127,6 +135,8 @@ class PasswordHasher:
             )
         if max_wait_s <= 0:
             raise ConfigError("PasswordHasher.max_wait_s", f"must be > 0, got {max_wait_s}")
+        if max_waiting < 0:
+            raise ConfigError("PasswordHasher.max_waiting", f"must be >= 0, got {max_waiting}")
         if not 1 <= min_length <= max_length <= _VERIFY_MAX_CHARS:
             raise ConfigError(
                 "PasswordHasher.min_length/max_length",
@@ -136,6 +146,8 @@ class PasswordHasher:
         self.params = params
         self.max_concurrent = max_concurrent
         self.max_wait_s = max_wait_s
+        self.max_waiting = max_waiting
+        self._waiting = 0
         self.min_length = min_length
         self.max_length = max_length
         self._ph = argon2.PasswordHasher(
@@ -211,11 +223,17 @@ class PasswordHasher:
             ) from None
 
     async def _run(self, fn: Callable[..., _T], *args: str) -> _T:
+        step_aside()
+        if self._waiting >= self.max_waiting and self._turns.locked():
+            raise BulkheadFull("password hashing", self.max_concurrent, self.max_wait_s)
+        self._waiting += 1
         try:
             async with asyncio.timeout(self.max_wait_s):
                 await self._turns.acquire()
         except TimeoutError:
             raise BulkheadFull("password hashing", self.max_concurrent, self.max_wait_s) from None
+        finally:
+            self._waiting -= 1
         try:
             task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         except BaseException:
