@@ -7,7 +7,11 @@ await runtime.stop()                    # consumers stop, the outbox drains, poo
 
 `tenfold.gateway.install(app)` calls `start` and `stop` from the app's lifespan.
 The gateway is the one package that wires capabilities together; the
-capabilities themselves still do not import each other.
+capabilities themselves still do not import each other. Capabilities on the
+same server share its client: the cache and the limiter one Redis client, the
+event bus and the realtime broker one NATS connection, per process
+(`tenfold.clients`, acquired by URL when built or started, released by `stop`);
+each backend class comes from the one scheme registry, `tenfold.backends`.
 """
 
 from __future__ import annotations
