@@ -664,3 +664,40 @@ async def test_breaker_admit_and_settle_by_ticket_and_report_transitions():
     probe = breaker.admit()
     breaker.settle(probe, None)
     assert breaker.state is CLOSED and seen == [OPEN, HALF, CLOSED]
+
+
+async def test_a_freed_slot_goes_to_the_longest_waiter_not_a_newcomer():
+    bulkhead = Bulkhead("bh:fifo", max_concurrent=1, max_wait_s=5.0)
+    assert bulkhead.try_acquire()
+    assert not bulkhead.try_acquire()  # full: the hot path says so without waiting
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await bulkhead.acquire()
+        order.append(name)
+        await asyncio.sleep(0)
+        bulkhead.release()
+
+    first = asyncio.create_task(waiter("first"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(waiter("second"))
+    await asyncio.sleep(0)
+    bulkhead.release()  # handed to "first" at once: a newcomer cannot take it
+    assert not bulkhead.try_acquire()
+    await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+    assert bulkhead.in_use == 0 and bulkhead.waiting == 0
+    assert metrics.REGISTRY.get_sample_value("tenfold_bulkhead_in_use", {"name": "bh:fifo"}) == 0
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_a_slot_passes_it_on():
+    bulkhead = Bulkhead("bh:handoff", max_concurrent=1, max_wait_s=5.0)
+    await bulkhead.acquire()
+    doomed = asyncio.create_task(bulkhead.acquire())
+    await asyncio.sleep(0)
+    bulkhead.release()  # the slot goes to `doomed`...
+    doomed.cancel()  # ...which is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert bulkhead.in_use == 0  # given back, not leaked
+    await asyncio.wait_for(bulkhead.acquire(), 1)

@@ -43,7 +43,6 @@ from typing import Any
 from tenfold.data.base import Connection, Pool
 from tenfold.errors import (
     BulkheadFull,
-    CircuitOpen,
     ShardBusy,
     ShardTimeout,
     ShardUnavailable,
@@ -119,6 +118,7 @@ class ShardGuard:
             counts_as_failure=self._is_fault,
             on_transition=self._transitioned,
         )
+        self._machine = self.breaker.machine
         wait = options.max_wait_s
         self.bulkhead = Bulkhead(
             f"shard:{name}",
@@ -137,16 +137,19 @@ class ShardGuard:
 
     def admit(self) -> int:
         """A breaker ticket, or `ShardUnavailable` at once while the breaker is open."""
-        try:
-            return self.breaker.admit()
-        except CircuitOpen as exc:
+        # The machine directly, not CircuitBreaker.admit: three calls fewer on
+        # every lease, and no CircuitOpen built only to be translated.
+        ticket = self._machine.admit()
+        if ticket is None:
+            retry_in_s = self._machine.retry_in_s()
             raise ShardUnavailable(
                 self.name,
                 self.safe_url,
                 f"failing fast: its circuit breaker is open after repeated failures "
-                f"(next probe in {exc.retry_in_s:.2g} s)",
-                retry_after_s=max(exc.retry_in_s, 0.001),
-            ) from None
+                f"(next probe in {retry_in_s:.2g} s)",
+                retry_after_s=max(retry_in_s, 0.001),
+            )
+        return ticket
 
     async def enter(self, ticket: int) -> None:
         """Take a bulkhead slot for an admitted ticket; `ShardBusy` when none frees in time."""
@@ -182,6 +185,9 @@ class ShardGuard:
     def leave(self, ticket: int, exc: BaseException | None) -> None:
         """Release the slot and settle the ticket with the lease's outcome."""
         self.bulkhead.release()
+        if exc is None:
+            self._machine.succeeded(ticket)  # the common case, without the judging
+            return
         self.breaker.settle(ticket, exc)
         if exc is not None and self._is_fault(exc) and isinstance(exc, ShardTimeout):
             self._warn(
@@ -257,7 +263,8 @@ class Guarded(AbstractAsyncContextManager[Connection]):
     async def __aenter__(self) -> Connection:
         guard = self._guard
         ticket = self._ticket = guard.admit()
-        await guard.enter(ticket)
+        if not guard.bulkhead.try_acquire():  # a free slot needs no coroutine
+            await guard.enter(ticket)
         try:
             ctx = self._ctx = self._pool.acquire(self._slot)
             conn: Connection = await ctx.__aenter__()

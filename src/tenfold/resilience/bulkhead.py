@@ -17,14 +17,18 @@ Invariants (tests/unit/test_resilience.py checks them):
 2. No caller waits longer than `max_wait_s` (plus scheduling latency) for a
    slot; a refused caller never entered and holds nothing.
 3. A slot is returned exactly once per entry, whether the body returns,
-   raises or is cancelled; `in_use` and the gauge always agree.
+   raises or is cancelled; `in_use` and the gauge always agree (the gauge
+   reads `in_use` when scraped).
+4. A freed slot goes to the longest-waiting caller, never to a newcomer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 
@@ -32,6 +36,12 @@ from tenfold.errors import BulkheadFull, ConfigError
 from tenfold.observe import metrics
 
 __all__ = ["Bulkhead"]
+
+
+def _in_use_of(ref: weakref.ref[Bulkhead]) -> float:
+    """The gauge's value: the bulkhead's in-use count (0 once it is gone)."""
+    bulkhead = ref()
+    return 0.0 if bulkhead is None else float(bulkhead.in_use)
 
 
 class Bulkhead:
@@ -80,16 +90,20 @@ class Bulkhead:
         self.max_waiting = max_waiting
         self.stall_after_s = stall_after_s
         self._clock = clock
-        self._slots = asyncio.Semaphore(max_concurrent)
         self._in_use = 0
         self._waiting = 0
+        # FIFO of waiters; `release` hands its slot straight to the first one
+        # still waiting (counted in `_in_use` at once, so no newcomer can take
+        # it first). Done futures (refused or cancelled waiters) are skipped.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # When a slot was last freed, or the bulkhead last filled up: the
         # stall clock starts at whichever came later.
         self._progress_at = clock()
-        # Bound once: a labels() lookup per call costs more than the bookkeeping.
-        self._gauge = metrics.bulkhead_in_use.labels(name)
         self._rejections = metrics.bulkhead_rejections.labels(name)
-        self._gauge.set(0)
+        # The in-use gauge is read at scrape time, not written per call: two
+        # gauge writes (each takes a lock) cost more than the rest of a lease.
+        ref = weakref.ref(self)
+        metrics.bulkhead_in_use.labels(name).set_function(lambda: _in_use_of(ref))
 
     @property
     def in_use(self) -> int:
@@ -115,30 +129,46 @@ class Bulkhead:
         self._rejections.inc()
         return BulkheadFull(self.name, self.max_concurrent, self.max_wait_s)
 
+    def _take(self) -> None:
+        self._in_use += 1
+        if self._in_use == self.max_concurrent:
+            self._progress_at = self._clock()  # just filled up: the stall clock starts
+
+    def try_acquire(self) -> bool:
+        """Take a free slot without waiting; False when every slot is taken.
+
+        For hot paths: callers that get False fall back to `await acquire()`,
+        which waits (or refuses); a True needs a `release` like any slot.
+        """
+        if self._in_use < self.max_concurrent:
+            self._take()
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Take a slot, waiting at most `max_wait_s`.
 
         Raises:
-            BulkheadFull: no slot freed in time, or too many callers waiting.
+            BulkheadFull: no slot freed in time, too many callers waiting, or
+                the bulkhead is stalled.
         """
-        if self._slots.locked():
-            if (
-                self.max_wait_s == 0
-                or (self.max_waiting is not None and self._waiting >= self.max_waiting)
-                or self.stalled()
-            ):
-                raise self._reject()
-            self._waiting += 1
-            try:
-                await self._wait_for_slot()
-            finally:
-                self._waiting -= 1
-        else:
-            await self._slots.acquire()  # free: returns without suspending
-        self._in_use += 1
-        if self._in_use == self.max_concurrent:
-            self._progress_at = self._clock()  # just filled up: the stall clock starts
-        self._gauge.set(self._in_use)
+        if self._in_use < self.max_concurrent:
+            # The common case: no suspension, no timer. FIFO still holds: a
+            # caller only waits while every slot is taken, and `release` hands
+            # a freed slot to a live waiter, so there is none while one is free.
+            self._take()
+            return
+        if (
+            self.max_wait_s == 0
+            or (self.max_waiting is not None and self._waiting >= self.max_waiting)
+            or self.stalled()
+        ):
+            raise self._reject()
+        self._waiting += 1
+        try:
+            await self._wait_for_slot()
+        finally:
+            self._waiting -= 1
 
     async def _wait_for_slot(self) -> None:
         """Wait at most `max_wait_s`, and give up as soon as the bulkhead stalls.
@@ -147,36 +177,44 @@ class Bulkhead:
         hangs would each sit out the whole `max_wait_s`; with it they leave
         `stall_after_s` after the last slot was freed. The wait is cut into
         steps that end when the stall clock would run out, to look again.
+        On return the slot is the caller's (`release` counted it already).
         """
-        if self.stall_after_s is None:
-            try:
-                async with asyncio.timeout(self.max_wait_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise self._reject() from None
-            return
         loop = asyncio.get_running_loop()
+        slot: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(slot)
         give_up = loop.time() + self.max_wait_s
-        while True:
-            remaining = give_up - loop.time()
-            if remaining <= 0:
-                raise self._reject()
-            step = min(remaining, max(self.stall_after_s - self.stalled_for_s(), 0.001))
-            try:
-                async with asyncio.timeout(step):
-                    await self._slots.acquire()
-                return
-            except TimeoutError:
+        try:
+            while True:
+                remaining = give_up - loop.time()
+                if remaining <= 0:
+                    raise self._reject()
+                step = remaining
+                if self.stall_after_s is not None:
+                    step = min(step, max(self.stall_after_s - self.stalled_for_s(), 0.001))
+                # asyncio.wait does not cancel `slot` when the step times out.
+                await asyncio.wait((slot,), timeout=step)
+                if slot.done():
+                    return
                 if self.stalled():
-                    raise self._reject() from None
+                    raise self._reject()
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self.release()  # handed a slot just as we gave up: pass it on
+            else:
+                slot.cancel()  # leave the queue; `release` skips it
+            raise
 
     def release(self) -> None:
-        """Return a slot taken by `acquire`."""
+        """Return a slot taken by `acquire` (to the first waiter, if any)."""
         self._in_use -= 1
         if self.stall_after_s is not None:
             self._progress_at = self._clock()
-        self._gauge.set(self._in_use)
-        self._slots.release()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._take()
+                waiter.set_result(None)
+                return
 
     async def __aenter__(self) -> Bulkhead:
         await self.acquire()
