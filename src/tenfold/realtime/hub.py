@@ -517,11 +517,13 @@ class Hub:
                 ok["recovered"] = got is not None
                 if got is not None:
                     missed = got
+            # In the presence before the client hears `ok`: a presence query it
+            # (or anyone it tells) makes next, on any node, must list it.
+            await self.broker.presence_add(ch, conn.id, conn.user, conn.name)
             conn.push(p.frame(ok), force=True)
             for stored, text in missed:
                 conn.push(text, force=True)
                 last = max(last, stored)
-            await self.broker.presence_add(ch, conn.id, conn.user, conn.name)
             self.presence.joined(ch, conn.user, conn.name)  # nothing can fail after this
         except BaseException:
             conn.release(ch)
