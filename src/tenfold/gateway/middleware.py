@@ -17,6 +17,7 @@ problem response (`tenfold.gateway.problems`); nothing after it runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from tenfold.gateway.runtime import Runtime
 
 __all__ = ["CRITICAL_PATHS", "TenfoldMiddleware", "request_id_var"]
+
+log = logging.getLogger("tenfold.gateway")
 
 # Never rate limited, never shed: admission does not see them at all, so a full
 # budget (requests stuck on a stalled shard) cannot fail the probes that tell
@@ -76,6 +79,14 @@ class TenfoldMiddleware:
         gw = runtime.settings
         self.max_body = gw.max_body_bytes
         self._rules = RuleRoutes(runtime.limiter.rules)
+        # Said once: a rule written for every request before rules named their
+        # routes ("per ip" alone) is now the app's own, and this line shows it.
+        app_only = sorted(set(runtime.limiter.rules) - set(self._rules.names))
+        log.info(
+            "rate limits the gateway applies: %s; the app's own (naming no route): %s",
+            ", ".join(self._rules.names) or "none",
+            ", ".join(app_only) or "none",
+        )
         # bound once: a labels() lookup per request costs more than the increment
         self._decisions = {
             (name, allowed): metrics.rate_limit_decisions.labels(
