@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     shard_max_concurrent: int = 4
     shard_max_wait_s: float = 0.5
     shard_max_waiting: int = 64
-    shard_stall_after_s: float = 0.1
+    shard_stall_after_s: float = 0.25
     shard_breaker_failures: int = 5
     shard_breaker_open_s: float = 1.0
     # /readyz: "any" = ready while the catalog and at least one shard answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any
@@ -185,7 +186,8 @@ def _assert_bad_shard_costs_only_itself(
         if shard == BAD:
             continue
         ok = sum(1 for status, _, _ in rows if status == 200)
-        assert rows and ok / len(rows) >= 0.99, (shard, ok, len(rows), FAILURES[:5])
+        why = collections.Counter((s, st, t[-120:]) for s, st, t in FAILURES if s == shard)
+        assert rows and ok / len(rows) >= 0.99, (shard, ok, len(rows), why.most_common(3))
         slowest = max(elapsed for _, elapsed, _ in rows)
         assert slowest < DEADLINE_S, (shard, slowest)
     bad = results[BAD]

@@ -75,7 +75,7 @@ class GuardOptions:
         max_waiting: int = 64,
         failures: int = 5,
         open_s: float = 1.0,
-        stall_after_s: float = 0.1,
+        stall_after_s: float = 0.25,
         log_every_s: float = 10.0,
     ) -> None:
         self.max_concurrent = max_concurrent
