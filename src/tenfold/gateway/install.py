@@ -7,8 +7,10 @@ adds:
 - `TenfoldMiddleware` (request id, body bound, auth, rate limits, admission, metrics)
 - problem-response handlers for tenfold errors, HTTP errors and validation errors
 - `/ws`: the realtime hub's WebSocket endpoint (docs/realtime.md)
-- `GET /healthz` (the process is alive), `GET /readyz` (shards, cache and broker
-  reachable: 200 or 503), `GET /metrics` (Prometheus text format)
+- `GET /healthz` (the process is alive), `GET /readyz` (200 while this process
+  can serve: catalog, at least one shard (`readiness_shards`), cache and broker;
+  else 503; per-shard health and breaker state in the body), `GET /metrics`
+  (Prometheus text format)
 - the lifespan: `runtime.start()` before the app's own start-up, `runtime.stop()`
   after its shutdown (consumers stop, the outbox drains, pools close)
 """
