@@ -18,6 +18,7 @@ from tenfold.errors import (
     ShardTimeout,
     ShardUnavailable,
 )
+from tenfold.limits.admission import AdmissionController
 from tenfold.resilience import BreakerState
 
 
@@ -213,3 +214,46 @@ async def test_a_failed_lease_renewal_is_retried_after_the_house_backoff(monkeyp
     assert 0 < retry1 <= min(0.1, lease_s / 60)
     assert 0 < retry2 <= 2 * min(0.1, lease_s / 60)
     assert retry1 != retry2
+
+
+class _Recorder:
+    """A fixed admission limit that records the latency samples it is fed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.samples: list[float] = []
+
+    def on_sample(self, rtt_s: float, in_flight: int, *, dropped: bool = False) -> None:
+        self.samples.append(rtt_s)
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "breaker-open", "busy"])
+async def test_a_shard_fault_steps_the_request_aside_from_admission(fault):
+    """Its latency measures the bad shard: fed to the adaptive limit, it shrank the budget."""
+    clock, pool = FakeClock(), FakePool()
+    guard = _guard(pool, clock, failures=1, max_concurrent=1, max_wait_s=0.0)
+    algorithm = _Recorder(limit=4)
+    admission = AdmissionController(algorithm, max_queue=0)
+    if fault == "breaker-open":
+        pool.fail = ShardUnavailable("s3", pool.safe_url, "connection refused")
+        with pytest.raises(ShardUnavailable):
+            async with Guarded(guard, pool, 1):
+                pass
+    holder = None
+    if fault == "busy":
+        pool.gate = asyncio.Event()
+        holder = asyncio.create_task(Guarded(guard, pool, 1).__aenter__())
+        await asyncio.sleep(0)
+    if fault == "unreachable":
+        pool.fail = ShardUnavailable("s3", pool.safe_url, "connection refused")
+    async with admission.admit("user"):
+        with pytest.raises((ShardUnavailable, ShardBusy)):
+            async with Guarded(guard, pool, 1):
+                pass
+        assert admission.in_flight == 0  # the slot went back at the fault
+    assert algorithm.samples == []
+    async with admission.admit("user"):  # a healthy request still feeds its sample
+        pass
+    assert len(algorithm.samples) == 1
+    if holder is not None:
+        holder.cancel()

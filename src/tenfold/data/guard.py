@@ -18,6 +18,11 @@ for a shard:
   a bounded number of the process's requests, never the admission budget that
   the healthy shards' requests need.
 - Either is logged once per `log_every_s` per shard, naming the shard.
+- A request that a shard fault ended (refused, busy, unreachable, past its
+  deadline) steps aside from admission control (`limits.admission.step_aside`):
+  its latency measures the bad shard, not this process's congestion, and fed
+  to the adaptive limit it shrank the budget that the healthy shards' requests
+  need (1.3% of them shed during a stall in benchmarks/shard_outage.py).
 
 Invariants:
 1. Every admitted breaker ticket is settled exactly once: on a refused
@@ -47,6 +52,7 @@ from tenfold.errors import (
     ShardTimeout,
     ShardUnavailable,
 )
+from tenfold.limits.admission import step_aside
 from tenfold.resilience import BreakerState, Bulkhead, CircuitBreaker
 
 __all__ = ["GuardOptions", "Guarded", "ShardGuard"]
@@ -141,6 +147,7 @@ class ShardGuard:
         # every lease, and no CircuitOpen built only to be translated.
         ticket = self._machine.admit()
         if ticket is None:
+            step_aside()
             retry_in_s = self._machine.retry_in_s()
             raise ShardUnavailable(
                 self.name,
@@ -158,6 +165,7 @@ class ShardGuard:
             await bulkhead.acquire()
         except BulkheadFull:
             self.breaker.settle(ticket, _NOT_RUN)
+            step_aside()
             if bulkhead.stalled():
                 self._warn(
                     "stalled",
@@ -189,7 +197,10 @@ class ShardGuard:
             self._machine.succeeded(ticket)  # the common case, without the judging
             return
         self.breaker.settle(ticket, exc)
-        if exc is not None and self._is_fault(exc) and isinstance(exc, ShardTimeout):
+        if not self._is_fault(exc):
+            return
+        step_aside()
+        if isinstance(exc, ShardTimeout):
             self._warn(
                 "timeout",
                 "shard %s is slow: a statement or an acquire ran past its deadline (%s)",
