@@ -28,7 +28,7 @@ How each capability builds an instance from the class is that capability's
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
 from tenfold.errors import ConfigError
 
@@ -143,8 +143,6 @@ def register(capability: Capability, scheme: str, target: str | type) -> None:
             f"target must be a class or 'package.module:Class', got {target!r}",
         )
     table[scheme] = target
-    if capability == "data":
-        _sync_data_pools(scheme, target)
 
 
 def unregister(capability: Capability, scheme: str) -> None:
@@ -155,8 +153,6 @@ def unregister(capability: Capability, scheme: str) -> None:
         table.pop(scheme, None)
     else:
         table[scheme] = built_in
-    if capability == "data":
-        _sync_data_pools(scheme, built_in)
 
 
 def schemes(capability: Capability) -> list[str]:
@@ -228,24 +224,3 @@ def _lookup(capability: str, url: str, setting: str | None) -> tuple[str, str | 
             "'module:Class'))",
         )
     return scheme, target
-
-
-def _sync_data_pools(scheme: str, target: str | type | None) -> None:
-    """Route `scheme` in `tenfold.data.base`, which opens the shard pools, through here.
-
-    The data package resolves pool classes from its own table first
-    (`_REGISTERED`, filled by `@register_backend` at import); until it asks this
-    module instead, a data registration installs there a factory that resolves
-    the class through this registry when a pool is opened (still lazily).
-    """
-    from tenfold.data import base as data_base
-
-    pools = cast(dict[str, Any], data_base._REGISTERED)
-    if target is None:
-        pools.pop(scheme, None)
-        return
-
-    def open_pool(name: str, url: str, options: Any) -> Any:
-        return backend_class("data", url)(name, url, options)
-
-    pools[scheme] = open_pool

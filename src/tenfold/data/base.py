@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import importlib
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,8 +25,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from tenfold import backends
 from tenfold.config import redact_url
-from tenfold.errors import ConfigError, QueryError
+from tenfold.errors import QueryError
 
 __all__ = [
     "Connection",
@@ -227,37 +227,28 @@ class Pool(abc.ABC):
         return False
 
 
-_BACKENDS: dict[str, str] = {
-    "sqlite": "tenfold.data.sqlite:SqlitePool",
-    "postgresql": "tenfold.data.postgres:PostgresPool",
-}
-_REGISTERED: dict[str, type[Pool]] = {}
-
-
 def register_backend(scheme: str) -> Callable[[type[Pool]], type[Pool]]:
-    """Class decorator: make `scheme://` URLs open this pool class."""
+    """Class decorator: make `scheme://` shard URLs open this pool class.
+
+    The same as `tenfold.backends.register("data", scheme, cls)`: the one
+    registry of every capability's schemes.
+    """
 
     def deco(cls: type[Pool]) -> type[Pool]:
-        _REGISTERED[scheme] = cls
+        backends.register("data", scheme, cls)
         return cls
 
     return deco
 
 
 def pool_from_url(name: str, url: str, options: PoolOptions | None = None) -> Pool:
-    """A pool for `url`, chosen by its scheme; backends import lazily."""
-    scheme = url.split("://", 1)[0].lower()
-    scheme = "postgresql" if scheme == "postgres" else scheme
-    if scheme not in _REGISTERED:
-        target = _BACKENDS.get(scheme)
-        if target is None:
-            known = ", ".join(sorted({*_BACKENDS, *_REGISTERED}))
-            raise ConfigError(
-                f"shard {name}", f"unknown scheme in {redact_url(url)!r}; accepted: {known}"
-            )
-        module, _, attr = target.partition(":")
-        getattr(importlib.import_module(module), attr)
-    return _REGISTERED[scheme](name, url, options or PoolOptions())
+    """A pool for `url`, chosen by its scheme in `tenfold.backends`; backends import lazily.
+
+    Raises:
+        ConfigError: the scheme is unknown (the message lists the known ones).
+    """
+    cls: type[Pool] = backends.backend_class("data", url, setting=f"shard {name}")
+    return cls(name, url, options or PoolOptions())
 
 
 def check_identifier(name: str, shard: str = "-") -> str:
