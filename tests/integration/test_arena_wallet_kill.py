@@ -40,6 +40,8 @@ PASSWORD = "correct horse battery staple"
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENFOLD_")}
     env.update({"TENFOLD_PASSWORD_PROFILE": "testing", "TENFOLD_LOG_LEVEL": "WARNING"})
+    # The restarted server waits out the dead one's relay leases: 3 s, not the default 10.
+    env["TENFOLD_RELAY_LEASE_S"] = "3"
     return env
 
 
