@@ -111,6 +111,8 @@ class OutboxRelay:
         self.max_unsettled = max_unsettled
         self._handed: dict[str, int] = {}  # event id -> outbox seq, handed and not settled
         self._settled: list[int] = []  # seqs settled by the stream, to mark published
+        self.settle_flush_s = 0.05  # longest a settlement waits to be marked when idle
+        self._flush: asyncio.TimerHandle | None = None
         if self.settle_mode:
             backend.on_settled(self._on_settled)
 
@@ -152,7 +154,9 @@ class OutboxRelay:
     async def run_once(self) -> int:
         """Publish one batch of pending rows; return how many were published."""
         if self.settle_mode:
-            return await self._hand_over(self.batch_size)
+            count = await self._hand_over(self.batch_size)
+            await self.mark_settled()
+            return count
         rows = await self._fetch(())
         if not rows:
             return 0
@@ -168,7 +172,17 @@ class OutboxRelay:
         settled = [seq for e in events if (seq := handed.pop(e.id, None)) is not None]
         if settled:
             self._settled.extend(settled)
-            self._wake.set()
+            if self._flush is None:
+                # Marks ride on the passes that commits trigger anyway; this
+                # deferred wake only flushes them when no commit comes. A wake
+                # per settlement made an UPDATE per event on a busy shard.
+                self._flush = asyncio.get_running_loop().call_later(
+                    self.settle_flush_s, self._flush_now
+                )
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        self._wake.set()
 
     @property
     def unsettled(self) -> int:
@@ -202,7 +216,6 @@ class OutboxRelay:
         room = min(limit, self.max_unsettled - len(self._handed))
         if room <= 0:
             return 0
-        await self.mark_settled()  # settled rows are read as pending until marked
         handed = self._handed
         seqs = {*handed.values(), *self._settled}
         async with self.db.shard(self.shard) as conn:
@@ -246,6 +259,9 @@ class OutboxRelay:
             while True:
                 count = await self._hand_over(self.batch_size)
                 total += count
+                # After handing over: a write (on SQLite, behind the writers' lock)
+                # must not delay the next events' way to their consumers.
+                await self.mark_settled()
                 if count < self.batch_size or not await self.hold_lease():
                     return total
         total = 0
@@ -397,6 +413,9 @@ class OutboxRelay:
         """Stop listening to the stream's settlements (when the relay is discarded)."""
         if self.settle_mode:
             self.backend.off_settled(self._on_settled)
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
 
     def wake(self) -> None:
         self._wake.set()
