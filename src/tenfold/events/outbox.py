@@ -40,10 +40,11 @@ _random = random.Random()  # seeded from os.urandom; re-seeded in forked childre
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_random.seed)
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token, as NATS wants
-PENDING = (
-    "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at "
-    "FROM tenfold_outbox WHERE published_at IS NULL ORDER BY seq LIMIT $1"
+# The columns `event_of_row` reads, in its order.
+ROW = (
+    "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at FROM tenfold_outbox"
 )
+PENDING = f"{ROW} WHERE published_at IS NULL ORDER BY seq LIMIT $1"
 
 
 def new_event_id() -> str:

@@ -41,7 +41,7 @@ from typing import Any
 from tenfold.data.base import Record
 from tenfold.errors import DataError
 from tenfold.events.base import Event, StreamBackend, TopicSpec
-from tenfold.events.outbox import PENDING, event_of_row
+from tenfold.events.outbox import PENDING, ROW, event_of_row
 from tenfold.observe import metrics
 from tenfold.resilience.backoff import Backoff
 
@@ -204,10 +204,7 @@ class OutboxRelay:
         marks = ", ".join(f"${i}" for i in range(1, len(padded) + 1))
         return list(
             await conn.fetch(
-                "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at "
-                f"FROM tenfold_outbox WHERE published_at IS NULL AND seq IN ({marks}) "
-                "ORDER BY seq",
-                *padded,
+                f"{ROW} WHERE published_at IS NULL AND seq IN ({marks}) ORDER BY seq", *padded
             )
         )
 
@@ -298,8 +295,7 @@ class OutboxRelay:
             marks = ", ".join(f"${i}" for i in range(2, len(padded) + 2))
             return list(
                 await conn.fetch(
-                    "SELECT seq, event_id, topic, event_key, slot, payload, headers, created_at "
-                    f"FROM tenfold_outbox WHERE published_at IS NULL AND seq NOT IN ({marks}) "
+                    f"{ROW} WHERE published_at IS NULL AND seq NOT IN ({marks}) "
                     "ORDER BY seq LIMIT $1",
                     self.batch_size,
                     *padded,
