@@ -34,10 +34,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from tenfold.cache.base import L2Backend, OnMessage
-from tenfold.clients.redis import RedisClient, redis_clients
+from tenfold.clients.redis import RedisClient, outage_breaker, redis_clients
 from tenfold.config import redact_url
 from tenfold.errors import ConfigError, MissingDependency
-from tenfold.resilience import Backoff, BreakerState, CircuitBreaker
+from tenfold.resilience import Backoff, BreakerState
 from tenfold.resp import RespReplyError, pack_bulk
 
 try:
@@ -99,13 +99,7 @@ class RedisL2(L2Backend):
         self.clock = clock
         self.failures = 0  # calls answered as a miss / no-op because Redis failed
         self._listeners: list[asyncio.Task[None]] = []
-        self.breaker = CircuitBreaker(
-            f"redis-cache {where}",
-            failure_threshold=1,  # one timeout already costs a caller timeout_s
-            open_s=recheck_after_s,
-            half_open_max_calls=1,
-            clock=clock,
-        )
+        self.breaker = outage_breaker(f"redis-cache {where}", recheck_after_s, clock)
         # The policy without the `async with` wrapper: an L2 hit stays one call deep.
         self._breaker = self.breaker.machine
         self.client: RedisClient = redis_clients.acquire(

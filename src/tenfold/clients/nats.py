@@ -34,6 +34,7 @@ import contextlib
 import logging
 from typing import Any
 
+from tenfold.clients.registry import SharedRegistry
 from tenfold.config import redact_url
 from tenfold.errors import BrokerUnavailable, MissingDependency
 from tenfold.resilience.backoff import Backoff
@@ -116,11 +117,11 @@ class NatsClient:
                 await nc.close()
 
 
-class NatsClients:
+class NatsClients(SharedRegistry[NatsClient]):
     """The registry of shared NATS connections; `nats_clients` is the process's one."""
 
     def __init__(self) -> None:
-        self._open: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, NatsClient]] = {}
+        super().__init__()
         self._connecting: dict[tuple[int, str], asyncio.Task[NatsClient]] = {}
 
     async def acquire(self, url: str, *, connect_timeout_s: float = 3.0) -> NatsClient:
@@ -134,9 +135,7 @@ class NatsClients:
             BrokerUnavailable: the server cannot be reached in time; nothing is held.
         """
         loop = asyncio.get_running_loop()
-        for stale, (owner, _) in list(self._open.items()):
-            if owner.is_closed():  # leaked by a finished loop (a test): never hand it out
-                del self._open[stale]
+        self._forget_closed_loops()
         key = (id(loop), url)
         found = self._open.get(key)
         if found is not None and found[0] is loop and found[1].usable:
@@ -160,22 +159,6 @@ class NatsClients:
             return client
         finally:
             self._connecting.pop(key, None)
-
-    async def release(self, client: NatsClient) -> None:
-        """Drop one reference to `client`; the last one drains and closes the connection."""
-        if client.refs <= 0:
-            return
-        client.refs -= 1
-        if client.refs:
-            return
-        for key, (_, held) in list(self._open.items()):
-            if held is client:
-                del self._open[key]
-        await client._close()
-
-    def open_clients(self, url: str | None = None) -> list[NatsClient]:
-        """The clients open now (for `url` only, if given): for tests and diagnostics."""
-        return [c for _, c in self._open.values() if url is None or c.url == url]
 
 
 nats_clients = NatsClients()

@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
+from tenfold.clients.registry import SharedRegistry
 from tenfold.config import redact_url
 from tenfold.errors import MissingDependency
+from tenfold.resilience import CircuitBreaker
 from tenfold.resp import RespClient
 
 __all__ = ["RedisClient", "RedisClients", "redis_clients"]
@@ -97,11 +101,8 @@ def _loop() -> asyncio.AbstractEventLoop | None:
         return None  # built outside a loop (e.g. at import): shared by such callers
 
 
-class RedisClients:
+class RedisClients(SharedRegistry[RedisClient]):
     """The registry of shared Redis clients; `redis_clients` is the process's one."""
-
-    def __init__(self) -> None:
-        self._open: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop | None, RedisClient]] = {}
 
     def acquire(
         self, url: str, *, connect_timeout_s: float = 1.0, connections: int = 1
@@ -130,27 +131,23 @@ class RedisClients:
 
     async def release(self, client: RedisClient) -> None:
         """Drop one reference to `client`; the last one closes its connections."""
-        if client.closed or client.refs <= 0:
-            return
-        client.refs -= 1
-        if client.refs:
-            return
-        for key, (_, held) in list(self._open.items()):
-            if held is client:
-                del self._open[key]
-        await client._close()
-
-    def open_clients(self, url: str | None = None) -> list[RedisClient]:
-        """The clients open now (for `url` only, if given): for tests and diagnostics."""
-        return [c for _, c in self._open.values() if url is None or c.url == url]
-
-    def _forget_closed_loops(self) -> None:
-        # A test suite runs a loop per test: a client a test leaked belongs to a
-        # dead loop and must never be handed to the next one.
-        for key, (loop, _) in list(self._open.items()):
-            if loop is not None and loop.is_closed():
-                del self._open[key]
+        if not client.closed:
+            await super().release(client)
 
 
 redis_clients = RedisClients()
 """The process-wide registry: ``redis_clients.acquire(url)``."""
+
+
+def outage_breaker(
+    name: str, recheck_after_s: float, clock: Callable[[], float] = time.monotonic
+) -> CircuitBreaker:
+    """The breaker a capability keeps in front of a shared Redis client.
+
+    One failure opens it (a timeout has already cost a caller the whole
+    timeout); after `recheck_after_s` one probe is let through. The cache and
+    the limiter each keep their own, so each degrades on its own policy.
+    """
+    return CircuitBreaker(
+        name, failure_threshold=1, open_s=recheck_after_s, half_open_max_calls=1, clock=clock
+    )

@@ -220,7 +220,7 @@ class OutboxRelay:
             # many handed (consumers behind), past their seqs alone (the
             # partial index), not their payloads.
             if len(seqs) <= self.batch_size:
-                rows = [r for r in await conn.fetch(PENDING, room + len(seqs))]
+                rows = list(await conn.fetch(PENDING, room + len(seqs)))
             else:
                 fresh = [
                     int(r[0])
@@ -228,7 +228,7 @@ class OutboxRelay:
                     if int(r[0]) not in seqs
                 ][:room]
                 rows = await self._rows_of(conn, fresh) if fresh else []
-            rows = [r for r in rows if int(r[0]) not in seqs and r[1] not in handed][:room]
+            rows = [r for r in rows if int(r[0]) not in seqs][:room]
         if not rows:
             return 0
         # Recorded before publishing: a stream with no consumer group settles

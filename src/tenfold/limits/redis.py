@@ -47,10 +47,10 @@ from tenfold.limits.base import DecideItem, LimiterStorage
 from tenfold.limits.gcra import Decision
 from tenfold.limits.memory import MemoryStorage
 from tenfold.limits.rules import Rule
-from tenfold.resilience import BreakerState, CircuitBreaker
+from tenfold.resilience import BreakerState
 
 try:
-    from tenfold.clients.redis import RedisClient, redis_clients
+    from tenfold.clients.redis import RedisClient, outage_breaker, redis_clients
     from tenfold.resp import RespReplyError, pack, pack_bulk
 except ImportError as exc:  # pragma: no cover - only without the extra (hiredis)
     raise MissingDependency("hiredis", "redis", "a redis:// limits URL") from exc
@@ -125,13 +125,7 @@ class RedisStorage(LimiterStorage):
         self.clock = clock
         self.failures = 0  # decisions answered by the on_error policy (a metric to watch)
         self._loaded = False
-        self.breaker = CircuitBreaker(
-            f"redis-limits {where}",
-            failure_threshold=1,
-            open_s=recheck_after_s,
-            half_open_max_calls=1,
-            clock=clock,
-        )
+        self.breaker = outage_breaker(f"redis-limits {where}", recheck_after_s, clock)
         # The policy without the `async with` wrapper: the hot path stays one call deep.
         self._breaker = self.breaker.machine
         self.client: RedisClient = redis_clients.acquire(
