@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     pool_reset: Literal["transaction", "session"] = "transaction"
     topology_ttl_s: float = 5.0
     topology_refresh_wait_s: float = 0.25
+    # How long db.transaction_for keeps retrying a write refused because its
+    # slot is moving (the switch's write pause), before raising SlotMoved.
+    slot_moved_wait_s: float = 10.0
     replica_retry_s: float = 5.0
     # Per shard and per process (docs/resilience.md): at most shard_max_concurrent
     # connections leased at once, callers beyond wait at most shard_max_wait_s
@@ -303,6 +306,7 @@ class Settings(BaseSettings):
             "scatter_timeout_s",
             "topology_ttl_s",
             "topology_refresh_wait_s",
+            "slot_moved_wait_s",
             "replica_retry_s",
             "shard_max_concurrent",
             "shard_stall_after_s",

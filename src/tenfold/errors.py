@@ -59,17 +59,21 @@ __all__ = [
     "KeyspaceError",
     "MigrationError",
     "MissingDependency",
+    "MoveConflict",
+    "MoveRefused",
     "Overloaded",
     "PasswordHashInvalid",
     "PasswordPolicyError",
     "PayloadError",
     "QueryError",
     "RateLimitError",
+    "ReshardError",
     "ResilienceError",
     "ScatterError",
     "ShardBusy",
     "ShardTimeout",
     "ShardUnavailable",
+    "SlotMoved",
     "StaleEpoch",
     "TenfoldError",
     "TokenExpired",
@@ -77,6 +81,7 @@ __all__ = [
     "TokenReused",
     "TopicError",
     "TopologyError",
+    "VerifyFailed",
 ]
 
 
@@ -209,6 +214,26 @@ class ScatterError(DataError):
         super().__init__(
             f"scatter failed on {len(failed)} shard(s) [{detail}]; "
             "pass partial=True to get the other shards' rows",
+        )
+
+
+class SlotMoved(DataError):
+    """A shard refused a write to a slot it no longer owns (resharding's MOVED).
+
+    Raised inside the writing transaction, which rolls back: nothing was
+    written. The router has marked its topology stale; open the connection
+    again (`db.transaction_for` does this for you) to reach the new owner.
+    """
+
+    retry_after_s = 1.0
+
+    def __init__(self, shard: str, slot: int | None = None) -> None:
+        self.slot = slot
+        which = "a slot" if slot is None else f"slot {slot}"
+        super().__init__(
+            f"shard {shard} no longer owns {which} (it moved); nothing was written: "
+            "refresh the topology and retry on the new owner",
+            shard=shard,
         )
 
 
@@ -409,3 +434,30 @@ class TokenReused(TokenInvalid):
     """
 
     slug = "token-reused"
+
+
+class ReshardError(TenfoldError):
+    """A slot move could not start, continue or finish."""
+
+
+class MoveRefused(ReshardError, ValueError):
+    """A move request is invalid (bad slot ranges, unknown shard, no-op move): nothing changed."""
+
+
+class MoveConflict(MoveRefused):
+    """Another unfinished move already holds some of the requested slots: nothing changed."""
+
+
+class VerifyFailed(ReshardError):
+    """Source and target disagree after catch-up; `mismatches` names (slot, table, key)."""
+
+    def __init__(self, move_id: str, mismatches: list[tuple[int, str, str]]) -> None:
+        self.move_id = move_id
+        self.mismatches = mismatches
+        shown = "; ".join(f"slot {s} {t} key {k}" for s, t, k in mismatches[:10])
+        more = f" (and {len(mismatches) - 10} more)" if len(mismatches) > 10 else ""
+        super().__init__(
+            f"move {move_id}: {len(mismatches)} row(s) differ between source and target: "
+            f"{shown}{more}; the workflow stopped before the switch. Inspect the rows, then "
+            f"`tenfold shards resume {move_id}` (copies again) or `cancel {move_id}`"
+        )

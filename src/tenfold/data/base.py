@@ -179,6 +179,17 @@ class Connection(abc.ABC):
                     sql = insert_sql(part.table, tuple(part.row), None, shard=self.shard)
                     await self.execute(sql, *part.row.values())
 
+    async def copy_in(
+        self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]
+    ) -> None:
+        """Bulk-load `records` (tuples in `columns` order) into `table` as given.
+
+        The resharding copy's write path: PostgreSQL overrides it with binary
+        COPY; elsewhere it is one prepared INSERT run per row.
+        """
+        if records:
+            await self.executemany(insert_sql(table, columns, None, shard=self.shard), records)
+
     def _slot_for(self, table: str) -> int:
         if self.slot is None:
             raise QueryError(

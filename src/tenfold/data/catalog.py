@@ -16,7 +16,7 @@ import uuid
 import orjson
 
 from tenfold.data.base import Pool
-from tenfold.errors import ConstraintViolation, KeyspaceError, StaleEpoch
+from tenfold.errors import ConstraintViolation, KeyspaceError, QueryError, StaleEpoch
 from tenfold.ids import MAX_WORKERS
 from tenfold.keyspace import Topology
 
@@ -75,6 +75,15 @@ class Catalog:
                 )
         except ConstraintViolation:
             raise StaleEpoch(topology.epoch - 1, await self.current_epoch()) from None
+
+    async def added_shards(self) -> dict[str, str]:
+        """Shards registered by `tenfold shards add`: name -> URL (empty before any)."""
+        async with self.pool.acquire() as conn:
+            try:
+                rows = await conn.fetch("SELECT name, url FROM tenfold_shards")
+            except QueryError:
+                return {}  # a catalog from before resharding: no such table yet
+        return {str(r[0]): str(r[1]) for r in rows}
 
     async def lease_worker(self, lease_s: float) -> WorkerLease:
         """Claim the lowest id-worker number that no live process holds."""

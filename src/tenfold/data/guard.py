@@ -51,6 +51,7 @@ from tenfold.errors import (
     ShardBusy,
     ShardTimeout,
     ShardUnavailable,
+    SlotMoved,
 )
 from tenfold.limits.admission import step_aside
 from tenfold.resilience import BreakerState, Bulkhead, CircuitBreaker
@@ -114,6 +115,8 @@ class ShardGuard:
         self.name = name
         self.safe_url = safe_url
         self.options = options
+        # Set by the router: a write refused because its slot moved off this shard.
+        self.on_moved: Callable[[], None] | None = None
         self._clock = clock
         self._logged_at: dict[str, float] = {}
         self.breaker = CircuitBreaker(
@@ -197,6 +200,8 @@ class ShardGuard:
             self._machine.succeeded(ticket)  # the common case, without the judging
             return
         self.breaker.settle(ticket, exc)
+        if isinstance(exc, SlotMoved) and self.on_moved is not None:
+            self.on_moved()  # the router re-reads the topology before the next lease
         if not self._is_fault(exc):
             return
         step_aside()

@@ -33,6 +33,7 @@ BUILTIN = (
     (BUILTIN_DIR, "tenfold"),
     (Path(__file__).parent.parent / "events" / "migrations", "tenfold.events"),
     (Path(__file__).parent.parent / "gateway" / "auth" / "migrations", "tenfold.auth"),
+    (Path(__file__).parent.parent / "reshard" / "migrations", "tenfold.reshard"),
 )
 _DIALECTS = ("sqlite", "postgresql")
 _TABLE = """CREATE TABLE IF NOT EXISTS tenfold_migrations (

@@ -115,6 +115,21 @@ class PostgresConnection(Connection):
     async def execute_script(self, sql: str) -> None:
         await self.execute(sql)
 
+    async def copy_in(
+        self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]
+    ) -> None:
+        if not records:
+            return
+        check_identifier(table, self.shard)
+        sql = f"COPY {table} FROM STDIN (binary)"
+        try:
+            with self._span(sql):
+                await self._raw.copy_records_to_table(
+                    table, records=records, columns=[check_identifier(c) for c in columns]
+                )
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, None) from exc
+
     async def insert_together(self, inserts: Sequence[Insert]) -> None:
         if not inserts:
             return

@@ -37,6 +37,7 @@ from tenfold.errors import (
     QueryError,
     ShardTimeout,
     ShardUnavailable,
+    SlotMoved,
 )
 
 try:
@@ -45,7 +46,11 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependency("asyncpg", "postgres", "a postgresql:// URL") from exc
 
-__all__ = ["UNREACHABLE", "map_error"]
+__all__ = ["SLOT_MOVED_SQLSTATE", "UNREACHABLE", "map_error"]
+
+# Raised by tenfold_slot_trigger() (tenfold.reshard.capture) for a write to a
+# slot this shard no longer owns.
+SLOT_MOVED_SQLSTATE = "TF409"
 
 # Errors that mean "this server or this connection is gone": the shard is
 # unavailable (for now), whatever the statement was.
@@ -89,6 +94,10 @@ def map_error(
     """
     if isinstance(exc, DataError):
         return exc  # already ours (raised under the driver call by our own code)
+    if getattr(exc, "sqlstate", None) == SLOT_MOVED_SQLSTATE:
+        # The slot fence of tenfold.reshard: "tenfold_slot_moved slot=N".
+        slot = str(exc).rpartition("=")[2]
+        return SlotMoved(shard, int(slot) if slot.isdigit() else None)
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return ConstraintViolation(shard, str(exc), sql=sql)
     if isinstance(exc, _BAD_VALUE):

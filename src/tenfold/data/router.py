@@ -29,11 +29,11 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from tenfold.config import Settings, ShardSpec, load_settings
 from tenfold.data import migrations
@@ -47,16 +47,18 @@ from tenfold.errors import (
     KeyspaceError,
     ShardTimeout,
     ShardUnavailable,
+    SlotMoved,
     TenfoldError,
 )
 from tenfold.ids import IdGenerator, slot_of_id
-from tenfold.keyspace import Key, Topology, slot_of
+from tenfold.keyspace import SLOTS, Key, Topology, slot_of
 from tenfold.observe import metrics
 from tenfold.resilience import Backoff, BreakerState
 
 __all__ = ["ShardHealth", "ShardedDatabase"]
 
 log = logging.getLogger("tenfold.data")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +208,10 @@ class ShardedDatabase:
             open_s=s.shard_breaker_open_s,
             stall_after_s=s.shard_stall_after_s,
         )
-        self._shards = {
-            spec.name: _Shard(spec, self.options, self.guard_options, s.replica_retry_s, clock)
-            for spec in s.shard_specs()
-        }
+        self._moved_listeners: list[Callable[[list[int]], None]] = []
+        self._shards: dict[str, _Shard] = {}
+        for spec in s.shard_specs():
+            self._add_shard(spec)
         # The catalog answers one query per TTL per process: a small pool is plenty.
         catalog_options = replace(self.options, min_size=1, max_size=min(4, s.pool_max_size))
         self.catalog = Catalog(pool_from_url("catalog", s.catalog_url, catalog_options))
@@ -240,7 +242,7 @@ class ShardedDatabase:
                     await self.catalog.save_topology(Topology.balanced(list(self._shards)))
                 topology = await self.catalog.load_topology()
             assert topology is not None
-            self._install(topology)
+            await self._adopt(topology)
             if ids:
                 lease_s = self.settings.id_worker_lease_s
                 self._lease = await self.catalog.lease_worker(lease_s)
@@ -282,6 +284,32 @@ class ShardedDatabase:
             raise KeyspaceError("the database is not open: call `await db.open()` first")
         return self._topology
 
+    async def _adopt(self, topology: Topology) -> None:
+        """Install `topology`, first opening shards added since start (`tenfold shards add`)."""
+        if any(name not in self._shards for name in topology.shards):
+            for name, url in (await self.catalog.added_shards()).items():
+                if name not in self._shards:
+                    self._add_shard(ShardSpec(name=name, url=url))
+        self._install(topology)
+
+    def _add_shard(self, spec: ShardSpec) -> None:
+        s = self.settings
+        shard = _Shard(spec, self.options, self.guard_options, s.replica_retry_s, self._clock)
+        shard.guard.on_moved = self._slot_moved
+        self._shards[spec.name] = shard
+
+    def _slot_moved(self) -> None:
+        """A shard refused a write because its slot moved: re-read the topology
+        before the next lease instead of after the TTL (Redis's MOVED)."""
+        self._topology_deadline = 0.0
+
+    def on_slots_moved(self, listener: Callable[[list[int]], None]) -> None:
+        """Call `listener(slots)` whenever a new topology changes the owner of `slots`.
+
+        The runtime drops cache entries tagged with those slots (`cache.slot_tag`).
+        """
+        self._moved_listeners.append(listener)
+
     def _install(self, topology: Topology) -> None:
         missing = [name for name in topology.shards if name not in self._shards]
         if missing:
@@ -290,8 +318,15 @@ class ShardedDatabase:
                 f"the catalog's topology (epoch {topology.epoch}) routes slots to shard(s) "
                 f"{', '.join(missing)} that the settings do not define; add their URLs",
             )
-        self._topology = topology
+        old, self._topology = self._topology, topology
         self._topology_deadline = self._clock() + self.settings.topology_ttl_s
+        if old is not None and self._moved_listeners:
+            moved = [s for s in range(SLOTS) if old.shard_of_slot(s) != topology.shard_of_slot(s)]
+            for listener in list(self._moved_listeners):
+                try:
+                    listener(moved)
+                except Exception:
+                    log.exception("a slots-moved listener failed")
 
     async def _check_topology(self) -> None:
         """The first request after the TTL: refresh, waiting at most `topology_refresh_wait_s`.
@@ -330,7 +365,7 @@ class ShardedDatabase:
                 fresh = await self.catalog.load_topology()
                 if fresh is not None and fresh.epoch != self.topology.epoch:
                     log.info("topology epoch %s -> %s", self.topology.epoch, fresh.epoch)
-                    self._install(fresh)
+                    await self._adopt(fresh)
                     changed = True
             self._catalog_ok = True
         except DataError as exc:
@@ -379,6 +414,51 @@ class ShardedDatabase:
     def read_for(self, key: Key) -> _Lease:
         """A connection for reads of `key`: a healthy replica if any, else the primary."""
         return _Lease(self, slot_of(key), _REPLICA)
+
+    async def transaction_for(self, key: Key, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `fn(conn)` in a transaction on `key`'s shard; after a move, on its new owner.
+
+        A write refused because the slot moved (`SlotMoved`: nothing was
+        written) is run again once the topology names the new owner, for at
+        most `slot_moved_wait_s` (a move's write pause is far shorter).
+        """
+        return await self.transaction_for_slot(slot_of(key), fn)
+
+    async def transaction_for_id(self, id_: int, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """`transaction_for` the slot of a tenfold id."""
+        return await self.transaction_for_slot(slot_of_id(id_), fn)
+
+    async def transaction_for_slot(self, slot: int, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        deadline = self._clock() + self.settings.slot_moved_wait_s
+        backoff = Backoff(initial_s=0.005, max_s=0.1)
+        while True:
+            try:
+                async with self.shard_for_slot(slot) as conn, conn.transaction():
+                    return await fn(conn)
+            except SlotMoved:
+                if self._clock() > deadline:
+                    raise
+                await asyncio.sleep(backoff.next_s())
+                await self.refresh_topology()
+
+    async def move_slots(
+        self, slots: Sequence[int] | str, to: str, *, until: str = "switched", **options: Any
+    ) -> list[Any]:
+        """Move `slots` (a list, or ranges like "0-255,1024") to shard `to`, online.
+
+        One workflow per current owner, run concurrently (tenfold.reshard);
+        `until` is "switched" (then `complete` or `reverse` later) or "completed".
+        Returns the `MoveRecord`s.
+        """
+        from tenfold.reshard import MoveOptions, Mover
+
+        return await Mover(self, MoveOptions(**options)).move(slots, to, until=until)
+
+    async def add_shard(self, name: str, url: str) -> Topology:
+        """Register a new, empty, migrated shard (`tenfold.reshard.shards.add_shard`)."""
+        from tenfold.reshard.shards import add_shard
+
+        return await add_shard(self, name, url)
 
     async def _pick_replica(self, shard: _Shard) -> tuple[Any, Connection]:
         for index in shard.replica_order():

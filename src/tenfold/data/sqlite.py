@@ -27,6 +27,7 @@ from tenfold.errors import (
     QueryError,
     ShardTimeout,
     ShardUnavailable,
+    SlotMoved,
 )
 from tenfold.observe import tracing
 from tenfold.resilience import Backoff
@@ -214,6 +215,8 @@ def _map_error(pool: SqlitePool, exc: sqlite3.Error | OverflowError, sql: str) -
         # sqlite3 cannot bind an int beyond 64 bits: the input's fault, as on PostgreSQL.
         return InvalidValue(pool.name, "a number is out of range", sql=sql)
     if isinstance(exc, sqlite3.IntegrityError):
+        if "tenfold_slot_moved" in text:  # the slot fence of tenfold.reshard.capture
+            return SlotMoved(pool.name)
         return ConstraintViolation(pool.name, text, sql=sql)
     if "database is locked" in text or "database is busy" in text:
         return ShardTimeout(pool.name, pool.options.query_timeout_s, "waiting for the write lock")

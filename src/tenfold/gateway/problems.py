@@ -46,6 +46,7 @@ from tenfold.errors import (
     PayloadError,
     ShardTimeout,
     ShardUnavailable,
+    SlotMoved,
 )
 
 __all__ = ["PROBLEM_BASE", "Problem", "problem_response", "response_for", "status_of"]
@@ -87,6 +88,7 @@ _UNAVAILABLE = (
     Overloaded,
     ShardUnavailable,
     ShardTimeout,
+    SlotMoved,
     CircuitOpen,
     BulkheadFull,
     BrokerUnavailable,
