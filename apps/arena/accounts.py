@@ -14,6 +14,7 @@ from starlette.requests import Request
 
 from apps.arena import topics
 from apps.arena.schemas import Credentials, RefreshIn, TokensOut, UserOut
+from tenfold.data.base import Connection
 from tenfold.errors import ConstraintViolation
 from tenfold.gateway import Problem, RuntimeDep
 from tenfold.gateway.runtime import Runtime
@@ -34,7 +35,8 @@ async def register(body: Credentials, rt: RuntimeDep) -> UserOut:
     user_id = rt.db.new_id(body.username)
     now = time.time()
     try:
-        async with rt.db.shard_for(body.username) as conn, conn.transaction():
+
+        async def create(conn: Connection) -> None:
             await conn.insert(
                 "arena_users",
                 {
@@ -51,6 +53,9 @@ async def register(body: Credentials, rt: RuntimeDep) -> UserOut:
                 topics.LEADERBOARD_KEY,
                 {"user_id": user_id, "username": body.username, "delta": STARTING_POINTS},
             )
+
+        # Refused mid-reshard (SlotMoved): runs again on the name's new shard.
+        await rt.db.transaction_for(body.username, create)
     except ConstraintViolation:
         raise Problem(
             409, f"the user name {body.username!r} is taken", slug="username-taken"

@@ -24,6 +24,7 @@ from apps.arena.schemas import (
     RoomList,
     RoomOut,
 )
+from tenfold.cache import slot_tag
 from tenfold.data.base import Connection, Record
 from tenfold.errors import ConstraintViolation, TokenInvalid
 from tenfold.events import EventBus
@@ -32,6 +33,7 @@ from tenfold.gateway import CurrentUser, Principal, Problem, RuntimeDep, runtime
 from tenfold.gateway.idempotency import idempotency_key as idempotency_key_of
 from tenfold.gateway.idempotency import idempotency_openapi
 from tenfold.gateway.runtime import Runtime
+from tenfold.ids import slot_of_id
 
 router = APIRouter(prefix="/rooms", tags=["rooms"])
 
@@ -51,7 +53,10 @@ async def _membership(rt: Runtime, room_id: int, user_id: int) -> dict[str, Any]
         return {"exists": True, "member": row["member"] is not None, "name": row["name"]}
 
     result: dict[str, Any] = await rt.cache.get_or_load(
-        f"arena:member:{room_id}:{user_id}", load, ttl_s=60
+        f"arena:member:{room_id}:{user_id}",
+        load,
+        ttl_s=60,
+        tags=(slot_tag(slot_of_id(room_id)),),  # a reshard of the room's slot drops it
     )
     return result
 
@@ -133,20 +138,26 @@ async def send_message(
         "body": body.body,
         "created_at": now,
     }
+
+    async def insert(conn: Connection) -> None:
+        # The message row and its outbox row in one statement (one round trip).
+        await rt.bus.insert_and_emit(
+            conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
+        )
+
+    async def insert_once(conn: Connection) -> Any:
+        assert idempotency_key is not None
+        replay = await _stored_message(conn, rid, author_id, idempotency_key)
+        if replay is None:
+            await insert(conn)
+        return replay
+
+    # transaction_for_id: a write refused mid-reshard (SlotMoved) runs again on the new owner.
     if idempotency_key is None:
-        async with rt.db.shard_for_id(rid) as conn:
-            # The message row and its outbox row in one statement (one round trip).
-            await rt.bus.insert_and_emit(
-                conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
-            )
+        await rt.db.transaction_for_id(rid, insert, transaction=False)
     else:
         try:
-            async with rt.db.shard_for_id(rid) as conn, conn.transaction():
-                replay = await _stored_message(conn, rid, author_id, idempotency_key)
-                if replay is None:
-                    await rt.bus.insert_and_emit(
-                        conn, "arena_messages", row, topics.MESSAGES, f"room:{rid}", event
-                    )
+            replay = await rt.db.transaction_for_id(rid, insert_once)
         except ConstraintViolation:
             # A concurrent request with the same key committed first: the unique
             # (room_id, author_id, idem_key) index refused this insert, and this

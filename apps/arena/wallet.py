@@ -18,6 +18,7 @@ amounts in flight never changes.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -60,11 +61,17 @@ async def transfer(
     if body.to == sender:
         raise Problem(422, "a transfer to yourself changes nothing", slug="self-transfer")
     try:
-        async with rt.db.shard_for_id(sender_id) as conn, conn.transaction():
+
+        async def debit(conn: Connection) -> tuple[Any, int]:
             row = await _stored_transfer(conn, sender_id, idempotency_key)
             if row is not None:
-                return _replay(row, body)
-            transfer_id = await _debit(rt, conn, sender_id, sender, idempotency_key, body)
+                return row, 0
+            return None, await _debit(rt, conn, sender_id, sender, idempotency_key, body)
+
+        # A debit refused mid-reshard (SlotMoved) runs again on the sender's new shard.
+        stored, transfer_id = await rt.db.transaction_for_id(sender_id, debit)
+        if stored is not None:
+            return _replay(stored, body)
     except ConstraintViolation:
         # A concurrent request with the same key committed first: the unique
         # (sender_id, idem_key) index refused this transfer row, and the debit

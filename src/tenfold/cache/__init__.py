@@ -20,7 +20,7 @@ from __future__ import annotations
 from tenfold.cache.base import L2Backend, OnMessage, from_url
 from tenfold.cache.l1 import L1Cache
 from tenfold.cache.memory import MemoryL2
-from tenfold.cache.tiered import Loader, TieredCache, WarmReport
+from tenfold.cache.tiered import Loader, TieredCache, WarmReport, slot_tag
 
 __all__ = [
     "L1Cache",
@@ -31,4 +31,5 @@ __all__ = [
     "TieredCache",
     "WarmReport",
     "from_url",
+    "slot_tag",
 ]

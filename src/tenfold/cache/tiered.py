@@ -145,6 +145,16 @@ class _Meta:
 # holds (_HAND_OVER), and a second reader decodes the envelope again for the cache
 # and plans its copier (_REDECODE). Only `private()` may read `value` in these
 # states; the functions are markers compared by identity, never called.
+def slot_tag(slot: int) -> str:
+    """The tag for cache entries read from rows of `slot`.
+
+    Tag entries with it (`tags=[slot_tag(slot_of_id(room_id))]`) and a reshard
+    that moves the slot drops them on every process (`Runtime` wires
+    `ShardedDatabase.on_slots_moved` to `invalidate_slots`).
+    """
+    return f"tenfold.slot.{slot}"
+
+
 def _HAND_OVER(value: Any) -> Any:
     raise AssertionError("a lazy copier state is read through _Meta.private()")
 
@@ -471,6 +481,17 @@ class TieredCache:
         self._drop_tags([full_tag])
         await self._timed("delete_tag", self.l2.delete_tag(full_tag))
         await self._publish(tags=[full_tag])
+
+    async def invalidate_slots(self, slots: Sequence[int]) -> None:
+        """Drop every entry tagged with `slot_tag(s)` for `s` in `slots` (a reshard moved them)."""
+        if not slots:
+            return
+        tags = [self._full_tag(slot_tag(s)) for s in slots]
+        self._invalidations["tag"].inc(len(tags))
+        self._drop_tags(tags)
+        for tag in tags:
+            await self._timed("delete_tag", self.l2.delete_tag(tag))
+        await self._publish(tags=tags)
 
     # -- warming ------------------------------------------------------------------
 

@@ -415,29 +415,43 @@ class ShardedDatabase:
         """A connection for reads of `key`: a healthy replica if any, else the primary."""
         return _Lease(self, slot_of(key), _REPLICA)
 
-    async def transaction_for(self, key: Key, fn: Callable[[Connection], Awaitable[T]]) -> T:
+    async def transaction_for(
+        self, key: Key, fn: Callable[[Connection], Awaitable[T]], *, transaction: bool = True
+    ) -> T:
         """Run `fn(conn)` in a transaction on `key`'s shard; after a move, on its new owner.
 
         A write refused because the slot moved (`SlotMoved`: nothing was
         written) is run again once the topology names the new owner, for at
         most `slot_moved_wait_s` (a move's write pause is far shorter).
+        `transaction=False` runs `fn` without BEGIN/COMMIT, for one statement.
         """
-        return await self.transaction_for_slot(slot_of(key), fn)
+        return await self.transaction_for_slot(slot_of(key), fn, transaction=transaction)
 
-    async def transaction_for_id(self, id_: int, fn: Callable[[Connection], Awaitable[T]]) -> T:
+    async def transaction_for_id(
+        self, id_: int, fn: Callable[[Connection], Awaitable[T]], *, transaction: bool = True
+    ) -> T:
         """`transaction_for` the slot of a tenfold id."""
-        return await self.transaction_for_slot(slot_of_id(id_), fn)
+        return await self.transaction_for_slot(slot_of_id(id_), fn, transaction=transaction)
 
-    async def transaction_for_slot(self, slot: int, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        deadline = self._clock() + self.settings.slot_moved_wait_s
-        backoff = Backoff(initial_s=0.005, max_s=0.1)
+    async def transaction_for_slot(
+        self, slot: int, fn: Callable[[Connection], Awaitable[T]], *, transaction: bool = True
+    ) -> T:
+        deadline: float | None = None
+        backoff: Backoff | None = None
         while True:
             try:
-                async with self.shard_for_slot(slot) as conn, conn.transaction():
-                    return await fn(conn)
+                async with self.shard_for_slot(slot) as conn:
+                    if not transaction:
+                        return await fn(conn)
+                    async with conn.transaction():
+                        return await fn(conn)
             except SlotMoved:
-                if self._clock() > deadline:
+                if deadline is None:
+                    deadline = self._clock() + self.settings.slot_moved_wait_s
+                    backoff = Backoff(initial_s=0.005, max_s=0.1)
+                elif self._clock() > deadline:
                     raise
+                assert backoff is not None
                 await asyncio.sleep(backoff.next_s())
                 await self.refresh_topology()
 

@@ -85,6 +85,8 @@ class Runtime:
         self.db = ShardedDatabase(s)
         self.bus = EventBus(self.db)
         self.cache = TieredCache(L1Cache(), cache_from_url(s.cache_url), prefix=s.cache_prefix)
+        self._slot_tasks: set[asyncio.Task[None]] = set()
+        self.db.on_slots_moved(self._slots_moved)
         self.limiter = RateLimiter(s.rate_limits, limits_from_url(s.limits_url))
         self.admission: AdmissionController | _NoAdmission
         if s.admission_enabled:
@@ -156,11 +158,31 @@ class Runtime:
             raise
         self.started = True
 
+    def _slots_moved(self, slots: list[int]) -> None:
+        """A new topology moved `slots`: drop cache entries tagged with them, now and
+        once more after every process surely re-read the topology (two TTLs), which
+        drops what a process with the old map filled from the old owner meanwhile."""
+        if not slots:
+            return
+        task = asyncio.ensure_future(self._drop_slot_entries(slots))
+        self._slot_tasks.add(task)
+        task.add_done_callback(self._slot_tasks.discard)
+
+    async def _drop_slot_entries(self, slots: list[int]) -> None:
+        for delay in (0.0, 2 * self.settings.topology_ttl_s):
+            await asyncio.sleep(delay)
+            try:
+                await self.cache.invalidate_slots(slots)
+            except Exception:
+                log.exception("dropping cache entries of %s moved slots failed", len(slots))
+
     async def stop(self) -> None:
         """Stop consumers, drain the outbox (bounded), close the cache and the pools."""
         if not self.started:
             return
         self.started = False
+        for task in list(self._slot_tasks):
+            task.cancel()
         try:
             with contextlib.suppress(Exception):
                 await self.realtime.stop()  # clients get 1001 and reconnect elsewhere
