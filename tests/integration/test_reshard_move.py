@@ -93,3 +93,190 @@ async def test_reverse_returns_slots_with_changes_made_after_switch(make_db: Any
                 name,
             )
         assert got == want, name
+
+
+async def _state(db: ShardedDatabase) -> tuple[int, int]:
+    async with db.catalog.pool.acquire() as conn:
+        moves = await conn.fetchval("SELECT count(*) FROM tenfold_moves")
+    return await db.catalog.current_epoch(), int(moves)
+
+
+@pytest.mark.parametrize(
+    ("slots", "to", "problem"),
+    [
+        ("0-10,5-20", "s1", "overlap"),
+        ("4000-4096", "s1", "outside"),
+        ("0-15", "nope", "no shard named 'nope'"),
+        ("0-15", "s0", "already owns"),
+    ],
+)
+async def test_bad_move_requests_change_nothing(
+    make_db: Any, slots: str, to: str, problem: str
+) -> None:
+    from tenfold.errors import MoveRefused
+
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    before = await _state(db)
+    with pytest.raises(MoveRefused, match=problem):
+        await Mover(db).start(slots, to)
+    assert await _state(db) == before
+
+
+async def test_second_move_of_held_slots_is_refused(make_db: Any) -> None:
+    from tenfold.errors import MoveConflict
+
+    db = await make_db(shards=3, migrations_dir=str(ARENA))
+    mover = Mover(db)
+    [first] = await mover.start("0-99", "s1")
+    before = await _state(db)
+    with pytest.raises(MoveConflict, match=f"50-99 by {first.id}"):
+        await mover.start("50-120", "s2")
+    assert await _state(db) == before
+    # Disjoint slots are fine, and the first move can still run.
+    [other] = await mover.start("100-120", "s2")
+    done = await mover.run(first.id)
+    assert done.state == "switched"
+    assert (await mover.run(other.id)).state == "switched"
+
+
+async def test_verify_mismatch_stops_before_the_switch_and_names_the_key(make_db: Any) -> None:
+    from tenfold.errors import VerifyFailed
+
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    await _seed(db, 100)
+
+    class Tampering(Mover):
+        async def _catch_up(self, move: Any) -> None:
+            await super()._catch_up(move)
+            # A row on the target that no source change explains: corruption.
+            async with db.shard("s1") as conn, conn.transaction():
+                await conn.execute("UPDATE tenfold_slot_state SET state = 'apply'")
+                await conn.execute(
+                    "UPDATE arena_wallets SET balance = 7 WHERE user_id = "
+                    "(SELECT min(user_id) FROM arena_wallets WHERE slot < 256)"
+                )
+                await conn.execute(
+                    "UPDATE tenfold_slot_state SET state = 'fenced' WHERE state = 'apply'"
+                )
+
+    mover = Tampering(db, MoveOptions(batch_rows=30, duty=1.0))
+    [move] = await mover.start("0-255", "s1")
+    async with db.shard("s1") as conn:
+        victim = await conn.fetchval("SELECT 1")  # s1 reachable
+    assert victim == 1
+    with pytest.raises(VerifyFailed, match=r"slot \d+ arena_wallets key \[\d+\]") as info:
+        await mover.run(move.id)
+    assert len(info.value.mismatches) == 1
+    stored = await mover.store.get(move.id)
+    assert stored.state == "verifying" and "VerifyFailed" in (stored.error or "")
+    assert all(db.topology.shard_of_slot(s) == "s0" for s in range(256))
+    # The source still takes writes to those slots (never fenced), and cancel cleans up.
+    await _seed_one(db, next(f"v{i}" for i in range(9999) if slot_of(f"v{i}") < 256))
+    cancelled = await Mover(db).cancel(move.id)
+    assert cancelled.state == "cancelled"
+    async with db.shard("s1") as conn:
+        assert await conn.fetchval("SELECT count(*) FROM arena_wallets WHERE slot < 256") == 0
+
+
+async def _seed_one(db: ShardedDatabase, name: str) -> None:
+    uid = db.new_id(name)
+    async with db.shard_for(name) as conn, conn.transaction():
+        await conn.insert(
+            "arena_users", {"id": uid, "username": name, "password_hash": "x", "created_at": 1.0}
+        )
+
+
+async def test_unpublished_events_and_inbox_rows_move_with_the_slot(make_db: Any) -> None:
+    from tenfold.data.base import Insert
+
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    name = next(f"e{i}" for i in range(9999) if slot_of(f"e{i}") < 256)
+    slot = slot_of(name)
+    async with db.shard_for(name) as conn:
+        await conn.insert_together(
+            [
+                Insert(
+                    "tenfold_outbox",
+                    {
+                        "event_id": "ev-moving",
+                        "topic": "t",
+                        "event_key": name,
+                        "payload": b"{}",
+                        "headers": None,
+                        "created_at": 1.0,
+                    },
+                ),
+                Insert(
+                    "tenfold_inbox",
+                    {"consumer_group": "g", "event_id": "ev-seen", "processed_at": 1.0},
+                ),
+            ]
+        )
+    [move] = await Mover(db, MoveOptions(duty=1.0)).move([slot], "s1")
+    assert move.progress["carried_events"] == 1
+    async with db.shard("s0") as conn:
+        left = await conn.fetchrow(
+            "SELECT published_at FROM tenfold_outbox WHERE event_id = 'ev-moving'"
+        )
+    assert left is not None and left[0] is not None  # marked: the old relay skips it
+    async with db.shard("s1") as conn:
+        carried = await conn.fetchrow(
+            "SELECT slot, published_at FROM tenfold_outbox WHERE event_id = 'ev-moving'"
+        )
+        inbox = await conn.fetchval(
+            "SELECT count(*) FROM tenfold_inbox WHERE consumer_group = 'g' AND event_id = 'ev-seen'"
+        )
+    assert carried is not None and carried[0] == slot and carried[1] is None
+    assert inbox == 1
+
+
+async def test_other_processes_learn_the_move_and_hear_which_slots_moved(
+    make_db: Any, make_settings: Any
+) -> None:
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    other = ShardedDatabase(db.settings)
+    await other.open(ids=False)
+    heard: list[list[int]] = []
+    other.on_slots_moved(heard.append)
+    try:
+        await Mover(db, MoveOptions(duty=1.0)).move("10-19", "s1")
+        assert await other.refresh_topology()
+        assert heard == [list(range(10, 20))]
+        assert other.topology.shard_of_slot(15) == "s1"
+    finally:
+        await other.close()
+
+
+async def test_added_shard_receives_slots_and_other_processes_open_it(
+    make_db: Any, request: pytest.FixtureRequest
+) -> None:
+    from tests import services
+
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    await _seed(db, 120)
+    before = await _dump(db)
+    dropped: list[str] = []
+    if db.pool("s0").dialect == "sqlite":
+        url = db.pool("s0").url.replace("shard0", "shard9")
+    else:
+        admin = request.getfixturevalue("pg_admin_url")
+        name = services.unique_name("tfadd")
+        dropped.append(name)
+        url = services.database_url(admin, name)  # add_shard creates it
+    try:
+        topology = await db.add_shard("s9", url)
+        assert "s9" in topology.shards and topology.slot_count("s9") == 0
+        await Mover(db, MoveOptions(duty=1.0, complete_after_s=0)).move(
+            "0-1023", "s9", until="completed"
+        )
+        other = ShardedDatabase(db.settings)  # its settings do not name s9
+        await other.open(ids=False)
+        try:
+            assert other.topology.slot_count("s9") == 1024
+            assert await _dump(other) == before
+        finally:
+            await other.close()
+    finally:
+        if dropped:
+            await db.pool("s9").close()
+            await services.drop_databases(request.getfixturevalue("pg_admin_url"), dropped)
