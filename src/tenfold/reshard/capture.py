@@ -35,7 +35,9 @@ import orjson
 from tenfold.data import migrations
 from tenfold.data.base import Connection, Pool, check_identifier
 from tenfold.errors import ShardTimeout
+from tenfold.reshard.slots import to_ranges
 from tenfold.reshard.tables import OUTBOX, SlotTable
+from tenfold.resilience import Backoff
 
 __all__ = ["CAPTURE", "FENCED", "ShardSide"]
 
@@ -53,33 +55,87 @@ class ShardSide:
         self.name = pool.name
         self.sqlite = pool.dialect == "sqlite"
 
-    async def install(self, tables: Sequence[SlotTable]) -> None:
-        """Create the state and log tables and a trigger on every slot table (idempotent).
+    async def install(self, tables: Sequence[SlotTable], cover: Sequence[int] = ()) -> None:
+        """Create the state and log tables, and the slot triggers (idempotent).
 
-        Creating a trigger takes a brief table lock on PostgreSQL: this runs
-        once per table when a move starts, never at the switch.
+        On PostgreSQL the triggers carry a `WHEN` that lists the slots this
+        shard keeps a state for, plus `cover`: rows of every other slot never
+        enter PL/pgSQL (the check runs in the executor), so a shard pays for
+        the fence only on the slots that moved. Call it with the slots about to
+        get a state before setting it, and again after states are removed (it
+        drops the triggers when none is left). Changing a trigger takes a brief
+        table lock, so this runs when a move starts and ends, never at the
+        switch, with a short lock timeout, retried, so it never queues writers.
+        SQLite's triggers test the state table in their `WHEN`: no lock issue.
         """
         await migrations.apply(self.pool, _MIGRATIONS)
-        async with self.pool.acquire() as conn, conn.transaction():
-            for table in tables:
-                await self._trigger(conn, table.name, table.pk, ("INSERT", "UPDATE", "DELETE"))
-            # The outbox is fenced for inserts only: the relay still marks rows
-            # published after their slot moved away.
-            await self._trigger(conn, OUTBOX, (), ("INSERT",))
+        if self.sqlite:
+            async with self.pool.acquire() as conn, conn.transaction():
+                for table in tables:
+                    await self._sqlite_trigger(
+                        conn, table.name, table.pk, ("INSERT", "UPDATE", "DELETE")
+                    )
+                # The outbox is fenced for inserts only: the relay still marks
+                # rows published after their slot moved away.
+                await self._sqlite_trigger(conn, OUTBOX, (), ("INSERT",))
+            return
+        async with self.pool.acquire() as conn:
+            stated = {int(r[0]) for r in await conn.fetch("SELECT slot FROM tenfold_slot_state")}
+        ranges = to_ranges(stated | set(cover))
+        for table in tables:
+            await self._pg_triggers(table.name, table.pk, ranges, deletes=True)
+        await self._pg_triggers(OUTBOX, (), ranges, deletes=False)
 
-    async def _trigger(
+    async def _pg_triggers(
+        self, table: str, pk: Sequence[str], ranges: Sequence[tuple[int, int]], *, deletes: bool
+    ) -> None:
+        check_identifier(table, self.name)
+        args = ", ".join(f"'{check_identifier(c, self.name)}'" for c in pk)
+
+        def when(row: str) -> str:
+            return " OR ".join(
+                f"{row}.slot = {a}" if a == b else f"{row}.slot BETWEEN {a} AND {b}"
+                for a, b in ranges
+            )
+
+        statements = []
+        if ranges:
+            ops = "INSERT OR UPDATE" if deletes else "INSERT"
+            statements.append(
+                f"CREATE OR REPLACE TRIGGER tenfold_slot_w BEFORE {ops} ON {table} "
+                f"FOR EACH ROW WHEN ({when('NEW')}) EXECUTE FUNCTION tenfold_slot_trigger({args})"
+            )
+            if deletes:
+                statements.append(
+                    f"CREATE OR REPLACE TRIGGER tenfold_slot_d BEFORE DELETE ON {table} "
+                    f"FOR EACH ROW WHEN ({when('OLD')}) "
+                    f"EXECUTE FUNCTION tenfold_slot_trigger({args})"
+                )
+        else:
+            statements.append(f"DROP TRIGGER IF EXISTS tenfold_slot_w ON {table}")
+            statements.append(f"DROP TRIGGER IF EXISTS tenfold_slot_d ON {table}")
+        backoff = Backoff(initial_s=0.01, max_s=0.5)
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await conn.execute("SET LOCAL lock_timeout = '200ms'")
+                    for sql in statements:
+                        await conn.execute(sql)
+                return
+            except ShardTimeout:
+                # A long transaction holds the table: give way (writers must not
+                # queue behind this lock), then try again.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(backoff.next_s())
+
+    async def _sqlite_trigger(
         self, conn: Connection, table: str, pk: Sequence[str], ops: Sequence[str]
     ) -> None:
         check_identifier(table, self.name)
         for col in pk:
             check_identifier(col, self.name)
-        if not self.sqlite:
-            args = ", ".join(f"'{c}'" for c in pk)
-            await conn.execute(
-                f"CREATE OR REPLACE TRIGGER tenfold_slot_guard BEFORE {' OR '.join(ops)} "
-                f"ON {table} FOR EACH ROW EXECUTE FUNCTION tenfold_slot_trigger({args})"
-            )
-            return
         for op in ops:
             row = "OLD" if op == "DELETE" else "NEW"
             log = ""

@@ -108,8 +108,15 @@ class Mover:
             )
         topology = self.db.topology
         by_source: dict[str, list[int]] = {}
+        dialect = self.db.pool(to).dialect
         for slot in wanted:
             by_source.setdefault(topology.shard_of_slot(slot), []).append(slot)
+        for source in by_source:
+            if self.db.pool(source).dialect != dialect:
+                raise MoveRefused(
+                    f"shard {source} is {self.db.pool(source).dialect} and {to} is {dialect}: "
+                    "a move copies rows between shards of one engine"
+                )
         if to in by_source:
             raise MoveRefused(
                 f"shard {to} already owns slot(s) {format_ranges(by_source[to])}: "
@@ -235,8 +242,8 @@ class Mover:
         for pool in (src.pool, dst.pool):
             await migrations.apply(pool, migrations.builtin("shard"))
         tables = await self._tables_of(move)
-        await src.install(tables)
-        await dst.install(tables)
+        await src.install(tables, cover=move.slots)
+        await dst.install(tables, cover=move.slots)
         await dst.set_state(move.slots, FENCED, move.id)
         await src.set_state(move.slots, CAPTURE, move.id)
         # A writer that read the state before 'capture' committed may still
@@ -405,10 +412,15 @@ class Mover:
         carried = await carry_outbox(src, dst, move.slots, move.id, open_target=CAPTURE)
         move.progress.pop("recheck", None)
         move.progress["carried_events"] = int(move.progress.get("carried_events", 0)) + carried
-        move.progress["pause_ms"] = round((time.monotonic() - t0) * 1000, 2)
         move.progress["switched_at"] = time.time()
-        epoch = await self.store.switch(move, move.target, "switched")
+        try:
+            epoch = await self.store.switch(move, move.target, "switched")
+        except BaseException:
+            if not await self._switch_landed(move, src, dst):
+                raise
+            epoch = self.db.topology.epoch
         move.progress["epoch"] = epoch
+        move.progress["pause_ms"] = round((time.monotonic() - t0) * 1000, 2)
         await self.store.save(move)
         await self.db.refresh_topology()
         log.info(
@@ -419,6 +431,26 @@ class Mover:
             epoch,
             move.progress["pause_ms"],
         )
+
+    async def _switch_landed(self, move: MoveRecord, src: ShardSide, dst: ShardSide) -> bool:
+        """After a failed catalog write: did the new topology land? If it surely did
+        not, give the source its writes back; if the catalog cannot say, stay fenced
+        (unfencing could let both shards take writes) and let `resume` decide."""
+        try:
+            topology = await self.db.catalog.load_topology()
+        except TenfoldError:
+            log.error("move %s: catalog unreachable at the switch; slots stay fenced", move.id)
+            return False
+        assert topology is not None
+        if all(topology.shard_of_slot(s) == move.target for s in move.slots):
+            move.state = "switched"
+            await self.db.refresh_topology()
+            return True
+        with contextlib.suppress(TenfoldError):
+            await dst.set_state(move.slots, FENCED, move.id)
+            await src.set_state(move.slots, CAPTURE, move.id)
+            await self._enter(move, "catching_up")
+        return False
 
     async def _wait_before_complete(self, move: MoveRecord) -> None:
         wait = self.options.complete_after_s
@@ -433,6 +465,7 @@ class Mover:
         src, dst = self._sides(move)
         deleted = await self._delete_rows(move, src)
         await dst.set_state(move.slots, None, move.id)
+        await dst.install(await self._tables_of(move))  # the target's triggers shrink
         await dst.clear(move.id)
         await src.clear(move.id)
         move.progress["deleted_rows"] = int(move.progress.get("deleted_rows", 0)) + deleted
@@ -478,7 +511,10 @@ class Mover:
         try:
             await self._enter(move, "cancelling")
             src, dst = self._sides(move)
+            for pool in (src.pool, dst.pool):  # a move cancelled before it ever ran
+                await migrations.apply(pool, migrations.builtin("shard"))
             await src.set_state(move.slots, None, move.id)
+            await src.install(await self._tables_of(move))  # the source's triggers shrink
             await src.clear(move.id)
             with contextlib.suppress(MoveRefused):
                 await self._delete_rows(move, dst)
@@ -510,6 +546,7 @@ class Mover:
                 await dst.wait_in_flight(self.options.fence_wait_s)
                 await self._drain(move, dst, src, until=1)
                 await carry_outbox(dst, src, move.slots, move.id, open_target=None)
+                await src.install(await self._tables_of(move))
                 move.progress["reverse_pause_ms"] = round((time.monotonic() - t0) * 1000, 2)
                 await self.store.switch(move, move.source, "reverse_cleanup")
                 await self.db.refresh_topology()

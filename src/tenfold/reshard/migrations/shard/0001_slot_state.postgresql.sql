@@ -19,26 +19,33 @@ CREATE TABLE IF NOT EXISTS tenfold_reshard_log (
 );
 CREATE INDEX IF NOT EXISTS tenfold_reshard_log_move ON tenfold_reshard_log (move_id, id);
 
+-- One trigger function for every slot table (the primary key columns are its
+-- arguments). It is on the write path of every row of a shard that took part in
+-- a move, so it reads NEW/OLD directly and returns at once for an owned slot.
 CREATE OR REPLACE FUNCTION tenfold_slot_trigger() RETURNS trigger AS $$
 DECLARE
-    r record;
-    st record;
+    s integer;
+    st text;
+    mv text;
     doc jsonb;
     k jsonb := '[]'::jsonb;
     col text;
 BEGIN
-    IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
-    SELECT s.state, s.move_id INTO st FROM tenfold_slot_state s WHERE s.slot = r.slot;
-    IF FOUND AND st.state = 'fenced' THEN
-        RAISE EXCEPTION 'tenfold_slot_moved slot=%', r.slot USING ERRCODE = 'TF409';
+    IF TG_OP = 'DELETE' THEN s := OLD.slot; ELSE s := NEW.slot; END IF;
+    SELECT state, move_id INTO st, mv FROM tenfold_slot_state WHERE slot = s;
+    IF st IS NULL OR st = 'apply' THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
     END IF;
-    IF FOUND AND st.state = 'capture' AND TG_NARGS > 0 THEN
-        doc := to_jsonb(r);
+    IF st = 'fenced' THEN
+        RAISE EXCEPTION 'tenfold_slot_moved slot=%', s USING ERRCODE = 'TF409';
+    END IF;
+    IF TG_NARGS > 0 THEN
+        IF TG_OP = 'DELETE' THEN doc := to_jsonb(OLD); ELSE doc := to_jsonb(NEW); END IF;
         FOREACH col IN ARRAY TG_ARGV LOOP
             k := k || jsonb_build_array(doc -> col);
         END LOOP;
-        INSERT INTO tenfold_reshard_log (move_id, tbl, slot, pk)
-            VALUES (st.move_id, TG_TABLE_NAME, r.slot, k::text);
+        INSERT INTO tenfold_reshard_log (move_id, tbl, slot, pk) VALUES (mv, TG_TABLE_NAME, s, k::text);
     END IF;
     IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
     RETURN NEW;
