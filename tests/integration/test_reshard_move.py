@@ -43,11 +43,12 @@ async def _dump(db: ShardedDatabase) -> dict[str, list[Any]]:
     return out
 
 
-async def test_move_switch_complete_keeps_every_row(make_db: Any) -> None:
+@pytest.mark.parametrize("batch", [3, 50])
+async def test_move_switch_complete_keeps_every_row(make_db: Any, batch: int) -> None:
     db = await make_db(shards=2, migrations_dir=str(ARENA))
     await _seed(db, 300)
     before = await _dump(db)
-    mover = Mover(db, MoveOptions(batch_rows=50, duty=1.0, complete_after_s=0))
+    mover = Mover(db, MoveOptions(batch_rows=batch, duty=1.0, complete_after_s=0))
     [move] = await mover.move("0-255", "s1", until="completed")
     assert move.state == "completed", move
     assert all(db.topology.shard_of_slot(s) == "s1" for s in range(256))

@@ -190,6 +190,15 @@ class Connection(abc.ABC):
         if records:
             await self.executemany(insert_sql(table, columns, None, shard=self.shard), records)
 
+    async def copy_out(self, sql: str, *args: Any) -> bytes | None:
+        """The rows of query `sql` in the engine's binary COPY format, or None where
+        the engine has no COPY (then read rows with `fetch`)."""
+        return None
+
+    async def copy_in_raw(self, table: str, columns: Sequence[str], data: bytes) -> int:
+        """Load `copy_out`'s bytes into `table`; return the row count."""
+        raise QueryError(self.shard, "this engine has no binary COPY; use copy_in")
+
     def _slot_for(self, table: str) -> int:
         if self.slot is None:
             raise QueryError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
@@ -114,6 +115,35 @@ class PostgresConnection(Connection):
 
     async def execute_script(self, sql: str) -> None:
         await self.execute(sql)
+
+    async def copy_out(self, sql: str, *args: Any) -> bytes | None:
+        chunks: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            chunks.append(bytes(data))
+
+        try:
+            with self._span(sql):
+                await self._raw.copy_from_query(sql, *args, output=sink, format="binary")
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, None) from exc
+        return b"".join(chunks)
+
+    async def copy_in_raw(self, table: str, columns: Sequence[str], data: bytes) -> int:
+        check_identifier(table, self.shard)
+        sql = f"COPY {table} FROM STDIN (binary)"
+        try:
+            with self._span(sql):
+                status: str = await self._raw.copy_to_table(
+                    table,
+                    source=io.BytesIO(data),
+                    columns=[check_identifier(c) for c in columns],
+                    format="binary",
+                )
+        except Exception as exc:
+            raise _map_error(self._pool, exc, sql, None) from exc
+        tail = status.rpartition(" ")[2]
+        return int(tail) if tail.isdigit() else 0
 
     async def copy_in(
         self, table: str, columns: Sequence[str], records: Sequence[Sequence[Any]]

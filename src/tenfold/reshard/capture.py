@@ -9,9 +9,9 @@ it inside the writing transaction:
                 key is logged to tenfold_reshard_log (same transaction)
     'fenced'    not owned here: the write is refused (SlotMoved), so a process
                 routing by an old topology can never commit to the old owner
-    'apply'     the mover's own writes: it flips its slots' rows to 'apply'
-                inside its transaction and back before commit, so no other
-                transaction ever sees 'apply'
+    'apply'     the mover's own writes on SQLite: it flips its slots' rows to
+                'apply' inside its transaction and back before commit, so no
+                other transaction ever sees it (PostgreSQL: SET LOCAL instead)
 
 Why triggers and not logical decoding on PostgreSQL: logical decoding needs
 `wal_level = logical` (a server restart; off by default and on many managed
@@ -184,10 +184,17 @@ class ShardSide:
     async def applying(self, move_id: str) -> AsyncIterator[Connection]:
         """A transaction in which the mover may write this move's fenced slots.
 
-        Other transactions keep seeing 'fenced' (the flip is uncommitted until
-        it is undone), so a stale writer is refused even while the mover writes.
+        PostgreSQL: `SET LOCAL tenfold.apply` names the move for this
+        transaction only; the trigger lets it through. SQLite (one writer at a
+        time): the slots' rows flip to 'apply' and back inside the transaction,
+        so no other transaction ever sees the flip. Either way a stale writer
+        is refused even while the mover writes.
         """
         async with self.pool.acquire() as conn, conn.transaction():
+            if not self.sqlite:
+                await conn.execute("SELECT set_config('tenfold.apply', $1, true)", move_id)
+                yield conn
+                return
             await conn.execute(
                 "UPDATE tenfold_slot_state SET state = $1 WHERE move_id = $2 AND state = $3",
                 APPLY,

@@ -20,7 +20,7 @@ counts instead and says so in `Plan.by`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from tenfold.errors import MoveRefused
@@ -132,15 +132,18 @@ def plan_moves(
     even: bool = False,
     by: str = "rows",
     tolerance: float = 0.05,
+    frozen: Collection[int] = (),
 ) -> list[PlannedMove]:
     """The moves that balance `by` ("rows", "bytes", "load"; `even`: slot counts) over the
     first `to` shards of `topology.shards` (all when None). `shards` are the registered
-    shard names; `weights` the per-slot statistics. Pure and deterministic.
+    shard names; `weights` the per-slot statistics; `frozen` slots never move (those an
+    unfinished move holds: they stay with their owner). Pure and deterministic.
 
     Raises:
         MoveRefused: a bad `to` or `by` (the message says what to do).
     """
     targets = target_shards(topology, shards, to)
+    pinned = set(frozen)
     w, _ = _weights(weights, by, even)
     total = sum(w)
     share = total / len(targets)
@@ -167,7 +170,7 @@ def plan_moves(
     planned: dict[tuple[str, str], list[int]] = {}
     for donor in donors:
         leaving = donor not in targets
-        tail = sorted(owned[donor], reverse=True)
+        tail = sorted((s for s in owned[donor] if s not in pinned), reverse=True)
         while tail and (leaving or excess(donor) > slack):
             receivers = sorted(
                 (n for n in targets if n != donor and deficit(n) > 0),

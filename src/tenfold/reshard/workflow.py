@@ -265,21 +265,28 @@ class Mover:
         started = time.monotonic()
         copied0 = int(move.progress.get("copied_rows", 0))
         total = int(move.progress.get("total_rows", 0)) or None
+        t_batch = time.monotonic()
         for table in await self._tables_of(move):
             mark = move.progress["copy"].setdefault(table.name, {"after": None, "done": False})
             if mark["done"]:
                 continue
             after = mark["after"]
-            async for batch, last in rows.scan(
-                src.pool, table, move.ranges, after, opts.batch_rows
-            ):
+            saved = time.monotonic()
+            batches = rows.copy_batches(
+                src.pool, dst, move.id, table, move.ranges, after, opts.batch_rows
+            )
+            async for n, last in batches:
                 t0 = time.monotonic()
-                await rows.copy_batch(dst, move.id, table, batch, after)
-                after = mark["after"] = last
-                move.progress["copied_rows"] = int(move.progress["copied_rows"]) + len(batch)
-                await self.store.save(move)
+                mark["after"] = last
+                move.progress["copied_rows"] = int(move.progress["copied_rows"]) + n
+                # A checkpoint a second is enough: a resume redoes at most that
+                # much, and every batch write is idempotent.
+                if t0 - saved >= 1.0:
+                    await self.store.save(move)
+                    saved = t0
                 self._report(move, "copy", int(move.progress["copied_rows"]), total)
-                await self._throttle(time.monotonic() - t0, started, copied0, move)
+                await self._throttle(time.monotonic() - t_batch, started, copied0, move)
+                t_batch = time.monotonic()
             mark["done"] = True
             await self.store.save(move)
         elapsed = time.monotonic() - started

@@ -38,6 +38,12 @@ BEGIN
         RETURN NEW;
     END IF;
     IF st = 'fenced' THEN
+        -- The mover's own transaction (SET LOCAL tenfold.apply = its move id)
+        -- writes a slot it is bringing in; every other writer is refused.
+        IF current_setting('tenfold.apply', true) = mv THEN
+            IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+            RETURN NEW;
+        END IF;
         RAISE EXCEPTION 'tenfold_slot_moved slot=%', s USING ERRCODE = 'TF409';
     END IF;
     IF TG_NARGS > 0 THEN
