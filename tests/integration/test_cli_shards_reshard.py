@@ -117,6 +117,7 @@ def new_shard_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) 
     asyncio.run(services.drop_databases(admin, [name]))
 
 
+@pytest.mark.timeout(300)  # ~30 CLI processes; the box is shared
 def test_add_plan_move_complete_reverse_and_refusals(
     make_settings: Any, new_shard_url: str
 ) -> None:

@@ -111,3 +111,13 @@ def test_empty_cluster_balances_slot_counts_and_estimates_copy_time() -> None:
     assert move.rows == 4096 and move.copy_s == pytest.approx(4.0)
     [unknown] = with_copy_time([move], None)
     assert unknown.copy_s is None
+
+
+def test_slots_held_by_unfinished_moves_stay_put() -> None:
+    topo = _grown(4, 4)
+    held = set(range(900, 1024))  # the tail of s0, held by a move not yet completed
+    moves = plan_moves(topo, topo.shards, _uniform(), to=8, frozen=held)
+    assert not held & {s for m in moves for s in m.slots}
+    [from_s0] = [m for m in moves if m.source == "s0"]
+    assert from_s0.ranges == "388-899"  # the tail below the held slots, as much as before
+    assert len(moves) == 4

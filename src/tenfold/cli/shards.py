@@ -40,6 +40,7 @@ from tenfold.reshard.plan import (
     with_copy_time,
 )
 from tenfold.reshard.stats import copy_speed, slot_stats
+from tenfold.reshard.store import MoveStore
 
 app = typer.Typer(
     help="Show shards, their slot ranges and health; add shards and move slots.",
@@ -235,12 +236,12 @@ def _move_row(m: MoveRecord) -> dict[str, Any]:
 def _print_moves(moves: Sequence[MoveRecord], title: str) -> None:
     table = Table(title=title)
     table.add_column("id", no_wrap=True)
-    table.add_column("source->target", no_wrap=True)
-    table.add_column("slots", overflow="fold")
+    table.add_column("from->to", no_wrap=True)
+    table.add_column("slots", overflow="fold", min_width=9)
     table.add_column("state", no_wrap=True)
-    table.add_column("copied/total", justify="right", no_wrap=True)
+    table.add_column("copied/total", justify="right")
     table.add_column("pause ms", justify="right")
-    table.add_column("error", overflow="fold")
+    table.add_column("error", overflow="fold", ratio=1)
     colour = {"completed": "green", "switched": "cyan", "reversed": "yellow", "cancelled": "dim"}
     for m in moves:
         p = m.progress
@@ -321,7 +322,9 @@ async def _plan(
     if by not in BY:
         raise MoveRefused(f"--by {by}: choose rows, bytes or load")
     stats = await slot_stats(db)
-    moves = plan_moves(db.topology, db.shard_names, stats, to=to, even=even, by=by)
+    held = await MoveStore(db.catalog).holders(range(4096))
+    frozen = {slot for slots in held.values() for slot in slots}
+    moves = plan_moves(db.topology, db.shard_names, stats, to=to, even=even, by=by, frozen=frozen)
     basis = plan_basis(stats, by, even)
     sources = sorted({m.source for m in moves}, key=list(db.topology.shards).index)
     speed = await copy_speed(db, stats, sources or None)
@@ -344,6 +347,7 @@ async def _plan(
         "copy_speed": speed.method,
         "bytes_method": stats.bytes_method,
         "load_window_s": stats.load_window_s,
+        "held": {move_id: format_ranges(slots) for move_id, slots in held.items()},
         "total_copy_s": None
         if speed.rows_s is None
         else round(sum(m.copy_s or 0.0 for m in moves), 3),
@@ -389,6 +393,12 @@ def _print_plan(info: dict[str, Any]) -> None:
         fmt = _fmt_bytes if basis == "bytes" else (lambda x: f"{x:,.0f}")
         shards.add_row(name, fmt(v["before"]), fmt(v["after"]))
     console.print(shards)
+    for move_id, ranges in info["held"].items():
+        console.print(
+            f"[yellow]slots {ranges} stay put[/]: unfinished move {move_id} holds them "
+            f"(`tenfold shards complete {move_id}` or `reverse {move_id}` first)",
+            highlight=False,
+        )
     speed = info["copy_rows_s"]
     console.print(
         f"copy speed: {'unknown' if speed is None else f'{speed:,.0f} rows/s'}, "
@@ -503,12 +513,17 @@ def moves(ctx: typer.Context, json: bool = JsonOption) -> None:
 
 
 def _operate(
-    ctx: typer.Context, move_id: str, json: bool, what: str, complete: bool = False
+    ctx: typer.Context,
+    move_id: str,
+    json: bool,
+    what: str,
+    complete: bool = False,
+    tuning: tuple[int, float, float | None] = (2000, 0.5, None),
 ) -> None:
     async def go() -> MoveRecord:
         async with _database(ctx) as db:
             with _Bars(show=not json) as bars:
-                mover = _mover(db, bars)
+                mover = _mover(db, bars, *tuning)
                 if what == "resume":
                     return await mover.run(move_id, until="completed" if complete else "switched")
                 if what == "cancel":
@@ -526,9 +541,12 @@ def resume(
     move_id: str = typer.Argument(..., help="The move's id (`tenfold shards moves`)."),
     complete: bool = CompleteOption,
     json: bool = JsonOption,
+    batch_rows: int = BatchOption,
+    duty: float = DutyOption,
+    max_rows_s: float | None = RateOption,
 ) -> None:
     """Resume a move from its stored state (after the mover died or failed)."""
-    _operate(ctx, move_id, json, "resume", complete)
+    _operate(ctx, move_id, json, "resume", complete, (batch_rows, duty, max_rows_s))
 
 
 @app.command("cancel")
