@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,58 @@ async def test_added_shard_receives_slots_and_other_processes_open_it(
         if dropped:
             await db.pool("s9").close()
             await services.drop_databases(request.getfixturevalue("pg_admin_url"), dropped)
+
+
+async def test_running_bus_relays_events_of_slots_moved_to_an_added_shard(
+    make_db: Any, request: pytest.FixtureRequest
+) -> None:
+    """A process started before the shard existed still publishes what is written there."""
+    from tenfold.data.base import Connection
+    from tenfold.events.base import Delivery
+    from tenfold.events.bus import EventBus
+    from tenfold.events.memory import MemoryStreams
+    from tests import services
+    from tests.integration.support import wait_until
+
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    streams = MemoryStreams(handler_timeout_s=10.0)
+    bus = EventBus(db, streams)
+    spec = bus.topic("shop.orders", partitions=4)
+    seen: list[str] = []
+
+    @bus.consumer("shop.orders", group="audit")
+    async def audit(delivery: Delivery) -> None:
+        seen.append(delivery.event.key)
+
+    names = [f"k{i}" for i in range(20_000) if slot_of(f"k{i}") < 64][:6]
+    await bus.start()
+    dropped: list[str] = []
+    if db.pool("s0").dialect == "sqlite":
+        url = db.pool("s0").url.replace("shard0", "shard7")
+    else:
+        dropped.append(services.unique_name("tfbus"))
+        url = services.database_url(request.getfixturevalue("pg_admin_url"), dropped[0])
+    await db.add_shard("s7", url)
+    await Mover(db, MoveOptions(duty=1.0)).move("0-63", "s7")
+    try:
+        for name in names:
+
+            async def write(conn: Connection, name: str = name) -> None:
+                await bus_emit(conn, spec, name)
+
+            await db.transaction_for(name, write)
+        await wait_until(lambda: sorted(seen) == sorted(names), what="every event once")
+        assert "s7" in [r.shard for r in bus.relays]
+        await asyncio.sleep(0.3)
+        assert sorted(seen) == sorted(names)  # and no second delivery
+    finally:
+        await bus.stop(drain_timeout_s=1.0)
+        if dropped:
+            await db.pool("s7").close()
+            await services.drop_databases(request.getfixturevalue("pg_admin_url"), dropped)
+
+
+async def bus_emit(conn: Any, spec: Any, key: str) -> None:
+    from tenfold.events.outbox import emit
+
+    await emit(conn, spec, key, {"k": key})

@@ -207,7 +207,6 @@ class EventBus:
                 await self.backend.ensure_topic(spec)
         except BrokerUnavailable as exc:
             log.warning("starting without the broker, will retry: %s", exc)
-        s = self.settings
         if consumers and not self.backend.durable:
             # Groups take their positions before the first publish: an in-process
             # stream settles an event with no group at once, and the relay would
@@ -216,25 +215,40 @@ class EventBus:
                 await self._attach(c)
         if relays:
             for shard in self.db.shard_names:
-                relay = OutboxRelay(
-                    self.db,
-                    shard,
-                    self.backend,
-                    self.topics,
-                    batch_size=s.relay_batch_size,
-                    poll_interval_s=s.relay_poll_interval_s,
-                    linger_s=s.relay_linger_s,
-                    lease_s=s.relay_lease_s,
-                    retention_s=s.outbox_retention_s,
-                )
-                self.relays.append(relay)
-                self._relay_of[shard] = relay
-                self._tasks.append(asyncio.create_task(relay.run(), name=f"relay:{shard}"))
+                self._start_relay(shard)
+            # A shard added at runtime (`tenfold shards add`, then a move onto
+            # it) gets its relay when this process first sees it in a topology.
+            self.db.on_slots_moved(self._relay_new_shards)
         if consumers and self.backend.durable:
             for c in self.consumers:
                 self._tasks.append(asyncio.create_task(self._attach(c), name=f"consumer:{c.group}"))
         self._tasks.append(asyncio.create_task(self._metrics_loop(10.0), name="metrics"))
         self._started = True
+
+    def _start_relay(self, shard: str) -> None:
+        s = self.settings
+        relay = OutboxRelay(
+            self.db,
+            shard,
+            self.backend,
+            self.topics,
+            batch_size=s.relay_batch_size,
+            poll_interval_s=s.relay_poll_interval_s,
+            linger_s=s.relay_linger_s,
+            lease_s=s.relay_lease_s,
+            retention_s=s.outbox_retention_s,
+        )
+        self.relays.append(relay)
+        self._relay_of[shard] = relay
+        self._tasks.append(asyncio.create_task(relay.run(), name=f"relay:{shard}"))
+
+    def _relay_new_shards(self, _moved: list[int]) -> None:
+        if not self._started:
+            return
+        for shard in self.db.shard_names:
+            if shard not in self._relay_of:
+                log.info("shard %s joined the topology: starting its outbox relay", shard)
+                self._start_relay(shard)
 
     async def _attach(self, c: ConsumerSpec) -> None:
         backoff = Backoff(0.2, 5.0)
