@@ -10,6 +10,7 @@ import pytest
 
 from tenfold.data import ShardedDatabase
 from tenfold.errors import SlotMoved
+from tenfold.ids import slot_of_id
 from tenfold.keyspace import slot_of
 from tenfold.reshard import MoveOptions, Mover
 
@@ -275,7 +276,16 @@ async def test_added_shard_receives_slots_and_other_processes_open_it(
         await other.open(ids=False)
         try:
             assert other.topology.slot_count("s9") == 1024
-            assert await _dump(other) == before
+            assert await _dump(other) == before  # every row kept its id
+            # Ids made after the move, by two processes, land on the new owner and
+            # never collide: the id space is per slot and per leased worker, not per shard.
+            await other.close()
+            await other.open()
+            name = next(f"n{i}" for i in range(9999) if slot_of(f"n{i}") < 1024)
+            fresh = {db.new_id(name) for _ in range(50)} | {other.new_id(name) for _ in range(50)}
+            old_ids = {r[1] for r in before["arena_users"]}
+            assert len(fresh) == 100 and not fresh & old_ids
+            assert {other.topology.shard_of_slot(slot_of_id(i)) for i in fresh} == {"s9"}
         finally:
             await other.close()
     finally:
