@@ -199,6 +199,12 @@ def test_add_plan_move_complete_reverse_and_refusals(
     assert low == {"s2": moved}
     states = {m["id"]: m["state"] for m in cli.json("shards", "moves")["moves"]}
     assert states == {first["id"]: "completed", second["id"]: "reversed"}
+    # A finished move asked to change course is refused by name, not a silent no-op.
+    epoch = cli.json("shards")["epoch"]
+    refused = cli.refused("shards", "reverse", first["id"])
+    assert "already completed" in refused and "shards move 0-255 --to s0" in refused
+    assert "already reversed" in cli.refused("shards", "cancel", second["id"])
+    assert cli.json("shards")["epoch"] == epoch
     # The plan now measures speed by the completed move.
     assert cli.json("shards", "plan")["copy_speed"].startswith(f"measured by move {first['id']}")
 

@@ -512,6 +512,21 @@ def moves(ctx: typer.Context, json: bool = JsonOption) -> None:
     _emit_moves(found, json, "tenfold shards moves")
 
 
+def _refuse_finished(move: MoveRecord, what: str) -> None:
+    """A finished move asked to change course is a clear refusal, not a silent no-op
+    (the workflow returns a finished move as it is; repeating the same end is fine)."""
+    done = {"cancel": "cancelled", "reverse": "reversed", "complete": "completed"}
+    if not move.finished or what == "resume" or done.get(what) == move.state:
+        return
+    back = f"`tenfold shards move {format_ranges(move.slots)} --to {move.source}`"
+    why = {
+        "completed": f"its slots stay on {move.target} (to give them back: {back})",
+        "reversed": f"its slots are back on {move.source}",
+        "cancelled": f"its slots never left {move.source}",
+    }[move.state]
+    raise MoveRefused(f"move {move.id} is already {move.state}, so it cannot {what}: {why}")
+
+
 def _operate(
     ctx: typer.Context,
     move_id: str,
@@ -522,6 +537,7 @@ def _operate(
 ) -> None:
     async def go() -> MoveRecord:
         async with _database(ctx) as db:
+            _refuse_finished(await MoveStore(db.catalog).get(move_id), what)
             with _Bars(show=not json) as bars:
                 mover = _mover(db, bars, *tuning)
                 if what == "resume":
