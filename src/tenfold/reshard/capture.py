@@ -93,10 +93,13 @@ class ShardSide:
         args = ", ".join(f"'{check_identifier(c, self.name)}'" for c in pk)
 
         def when(row: str) -> str:
-            return " OR ".join(
+            # The mover's own transactions (SET LOCAL tenfold.apply) skip the
+            # trigger in the executor: a bulk copy never enters PL/pgSQL per row.
+            slots = " OR ".join(
                 f"{row}.slot = {a}" if a == b else f"{row}.slot BETWEEN {a} AND {b}"
                 for a, b in ranges
             )
+            return f"({slots}) AND coalesce(current_setting('tenfold.apply', true), '') = ''"
 
         statements = []
         if ranges:

@@ -68,6 +68,7 @@ async def scan(
     ranges: Sequence[tuple[int, int]],
     after: Key | None,
     batch: int,
+    width: int = 16,
 ) -> AsyncIterator[tuple[list[Record], Key]]:
     """Rows of `table` in `ranges` after `after`, in (slot, key) order, a batch at a time.
 
@@ -76,7 +77,6 @@ async def scan(
     one fills: the slot index bounds each query to its window, so the sort by
     (slot, key) never covers the whole move (O(rows) in all, not O(rows^2)).
     """
-    width = 16
     for lo, hi in ranges:
         if after is not None and after[0] > hi:
             continue
@@ -133,6 +133,7 @@ async def copy_batches(
     ranges: Sequence[tuple[int, int]],
     after: Key | None,
     batch: int,
+    width: int = 16,
 ) -> AsyncIterator[tuple[int, Key]]:
     """Copy `table`'s rows in `ranges` after `after`; yield (rows, checkpoint) per batch.
 
@@ -140,9 +141,10 @@ async def copy_batches(
     index-ordered `LIMIT 1 OFFSET batch-1`, then `COPY (SELECT ...) TO STDOUT
     (binary)` of the range feeds `COPY ... FROM STDIN (binary)` on the target,
     and no row is decoded in Python. Elsewhere rows are fetched and inserted.
+    `width`: the first window's slot count (about a batch of rows, if known).
     """
     if source.dialect != "postgresql" or target.pool.dialect != "postgresql":
-        async for rows, last in scan(source, table, ranges, after, batch):
+        async for rows, last in scan(source, table, ranges, after, batch, width):
             await copy_batch(target, move_id, table, rows, after)
             after = last
             yield len(rows), last
@@ -150,7 +152,6 @@ async def copy_batches(
     order = ", ".join(table.order)
     desc = ", ".join(f"{c} DESC" for c in table.order)
     cols = ", ".join(table.columns)
-    width = 16
     for lo, hi in ranges:
         if after is not None and after[0] > hi:
             continue

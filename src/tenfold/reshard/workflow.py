@@ -249,13 +249,13 @@ class Mover:
         # A writer that read the state before 'capture' committed may still
         # commit a change the log missed: wait it out before the copy reads.
         await src.wait_in_flight(self.options.fence_wait_s)
-        total = 0
-        for table in tables:
-            total += await _count(src.pool, table, move.ranges)
+        counts = {t.name: await _count(src.pool, t, move.ranges) for t in tables}
         move.progress = {
-            "total_rows": total,
+            "total_rows": sum(counts.values()),
             "copied_rows": 0,
-            "copy": {t.name: {"after": None, "done": False} for t in tables},
+            "copy": {
+                t.name: {"after": None, "done": False, "rows": counts[t.name]} for t in tables
+            },
             "started_at": time.time(),
         }
 
@@ -272,8 +272,11 @@ class Mover:
                 continue
             after = mark["after"]
             saved = time.monotonic()
+            # A first window of about one batch of rows, from the table's count.
+            per_slot = max(1, int(mark.get("rows", 0))) / len(move.slots)
+            width = max(1, min(4096, int(opts.batch_rows / per_slot)))
             batches = rows.copy_batches(
-                src.pool, dst, move.id, table, move.ranges, after, opts.batch_rows
+                src.pool, dst, move.id, table, move.ranges, after, opts.batch_rows, width
             )
             async for n, last in batches:
                 t0 = time.monotonic()
