@@ -232,3 +232,28 @@ def test_rebalance_runs_the_plan_then_plans_nothing(make_settings: Any, tmp_path
     assert "nothing to move" in cli.ok("shards", "rebalance", "--even")
     balances, _ = asyncio.run(_wallets(settings))
     assert balances == seeded
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_move_that_stops_names_itself_and_how_to_go_on(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    settings = make_settings(shards=2, migrations_dir=str(ARENA))
+    cli = Cli(_env(settings))
+    cli.ok("db", "migrate")
+    cli.json("shards", "add", "s2", f"sqlite:///{tmp_path}/added/s2.db")
+
+    async def drift() -> None:  # a slot table only the source has: the copy cannot start
+        async with ShardedDatabase(settings) as db, db.shard("s0") as conn:
+            await conn.execute("CREATE TABLE drift (slot INTEGER NOT NULL, id INTEGER PRIMARY KEY)")
+
+    asyncio.run(drift())
+    epoch = cli.json("shards")["epoch"]
+    message = cli.refused("shards", "move", "0-10", "--to", "s2")
+    [move] = cli.json("shards", "moves")["moves"]
+    assert message.startswith(f"error: move {move['id']} (s0->s2 0-10) stopped: table drift")
+    assert f"`tenfold shards resume {move['id']}` once fixed" in message
+    assert move["state"] == "created" and move["error"].startswith("MoveRefused: table drift")
+    assert cli.json("shards")["epoch"] == epoch
+    table = cli.ok("shards", "moves")
+    assert "table drift differs" in " ".join(table.split())

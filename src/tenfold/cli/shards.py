@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ from rich.table import Table
 from tenfold.cli.output import console, emit_json, fail, run_async, settings_from
 from tenfold.data import ShardedDatabase
 from tenfold.data.router import ShardHealth
-from tenfold.errors import MoveRefused, TenfoldError
+from tenfold.errors import MoveRefused, ReshardError, TenfoldError
 from tenfold.reshard import MoveOptions, Mover, MoveRecord, format_ranges
 from tenfold.reshard.plan import (
     BY,
@@ -158,6 +159,9 @@ RateOption = typer.Option(None, "--max-rows-s", min=1.0, help="Cap on copy rows 
 def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a command: a tenfold error (bad input, a conflict, a failed verify, a bad
     setting, a shard down) is one red line and exit code 1, never a traceback."""
+    quiet = logging.getLogger("tenfold.reshard")
+    if not quiet.handlers:  # a stopped move is reported once, by the error line below
+        quiet.addHandler(logging.NullHandler())
     try:
         return asyncio.run(make())
     except TenfoldError as exc:
@@ -241,7 +245,7 @@ def _print_moves(moves: Sequence[MoveRecord], title: str) -> None:
     table.add_column("state", no_wrap=True)
     table.add_column("copied/total", justify="right")
     table.add_column("pause ms", justify="right")
-    table.add_column("error", overflow="fold", ratio=1)
+    table.add_column("error", overflow="fold")
     colour = {"completed": "green", "switched": "cyan", "reversed": "yellow", "cancelled": "dim"}
     for m in moves:
         p = m.progress
@@ -255,9 +259,12 @@ def _print_moves(moves: Sequence[MoveRecord], title: str) -> None:
             state,
             copied,
             "—" if pause is None else f"{float(pause):.1f}",
-            f"[red]{m.error}[/]" if m.error else "",
+            f"[red]{m.error.partition(':')[0]}[/]" if m.error else "",
         )
     console.print(table)
+    for m in moves:
+        if m.error:
+            console.print(f"[red]{m.id}[/]: {m.error}", highlight=False)
 
 
 def _emit_moves(moves: Sequence[MoveRecord], json: bool, title: str) -> None:
@@ -430,8 +437,27 @@ def plan(
 
 
 async def _run_moves(mover: Mover, moves: Sequence[MoveRecord], complete: bool) -> list[MoveRecord]:
+    """Run `moves` concurrently to the switch (or completion). One that fails does not
+    stop the others; the failures are then raised together, each naming its move."""
     until = "completed" if complete else "switched"
-    return list(await asyncio.gather(*(mover.run(m.id, until=until) for m in moves)))
+    results = await asyncio.gather(
+        *(mover.run(m.id, until=until) for m in moves), return_exceptions=True
+    )
+    done: list[MoveRecord] = []
+    failed: list[str] = []
+    for m, result in zip(moves, results, strict=True):
+        if isinstance(result, MoveRecord):
+            done.append(result)
+        elif isinstance(result, TenfoldError):
+            failed.append(
+                f"move {m.id} ({m.source}->{m.target} {format_ranges(m.slots)}) stopped: "
+                f"{result} (`tenfold shards resume {m.id}` once fixed, or `cancel {m.id}`)"
+            )
+        else:
+            raise result
+    if failed:
+        raise ReshardError("; ".join(failed))
+    return done
 
 
 @app.command("move")
