@@ -346,6 +346,7 @@ async def _plan(
     info = {
         "epoch": db.topology.epoch,
         "by": by,
+        "even": even,
         "balanced": basis,
         "targets": target_shards(db.topology, db.shard_names, to),
         "moves": [m.to_dict() for m in moves],
@@ -364,9 +365,14 @@ async def _plan(
 
 def _print_plan(info: dict[str, Any]) -> None:
     basis = info["balanced"]
-    what = "slot counts" if basis == "slots" else basis
-    if basis == "slots" and info["by"] != "slots" and info["by"] in BY and not info.get("even"):
+    if info["even"]:
+        what = "slot counts"
+    elif basis == "slots":
         what = f"slot counts (no {info['by']} recorded yet)"
+    elif basis == "load":
+        what = "load (events written in the last hour)"
+    else:
+        what = basis
     moves = info["moves"]
     if not moves:
         console.print(
@@ -403,7 +409,8 @@ def _print_plan(info: dict[str, Any]) -> None:
     for move_id, ranges in info["held"].items():
         console.print(
             f"[yellow]slots {ranges} stay put[/]: unfinished move {move_id} holds them "
-            f"(`tenfold shards complete {move_id}` or `reverse {move_id}` first)",
+            "(finish it with `tenfold shards resume`/`complete`, or `cancel`/`reverse` it, "
+            "then plan again)",
             highlight=False,
         )
     speed = info["copy_rows_s"]
@@ -429,7 +436,6 @@ def plan(
             return (await _plan(db, to, even, by))[1]
 
     info = _run(go)
-    info["even"] = even
     if json:
         emit_json(info)
     else:
@@ -517,7 +523,6 @@ def rebalance(
     if json:
         emit_json({"plan": info, "moves": [_move_row(m) for m in done]})
     elif not done:
-        info["even"] = even
         _print_plan(info)
     else:
         _print_moves(done, "tenfold shards rebalance")
