@@ -110,7 +110,12 @@ def test_db_migrate_then_status_on_sqlite(tmp_path: Path) -> None:
     applied = json.loads(first.stdout)["applied"]
     assert applied["catalog"] == ["app/0001_accounts"]
     # tenfold's own shard schemas (outbox, refresh tokens) go first, then the app's.
-    expected = ["tenfold.events/0001_outbox", "tenfold.auth/0001_refresh_tokens", "app/0001_notes"]
+    expected = [
+        "tenfold.events/0001_outbox",
+        "tenfold.auth/0001_refresh_tokens",
+        "tenfold.reshard/0001_slot_state",
+        "app/0001_notes",
+    ]
     assert all(applied[s] == expected for s in ("s0", "s1", "s2", "s3"))
     again = json.loads(tenfold("db", "migrate", "--dir", str(folder), "--json").stdout)
     assert all(names == [] for names in again["applied"].values())

@@ -347,3 +347,25 @@ async def bus_emit(conn: Any, spec: Any, key: str) -> None:
     from tenfold.events.outbox import emit
 
     await emit(conn, spec, key, {"k": key})
+
+
+async def test_schema_drift_and_finished_moves_are_refused_with_nothing_changed(
+    make_db: Any,
+) -> None:
+    from tenfold.errors import MoveRefused
+
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    async with db.shard("s0") as conn:
+        await conn.execute("CREATE TABLE drift (slot INTEGER NOT NULL, id BIGINT PRIMARY KEY)")
+    before = await _state(db)
+    with pytest.raises(MoveRefused, match="table drift differs between s0 and s1"):
+        await Mover(db).start("0-10", "s1")
+    assert await _state(db) == before
+    async with db.shard("s0") as conn:
+        await conn.execute("DROP TABLE drift")
+    mover = Mover(db, MoveOptions(duty=1.0, complete_after_s=0))
+    [move] = await mover.move("0-10", "s1", until="completed")
+    with pytest.raises(MoveRefused, match="only a switched move can be reversed"):
+        await mover.reverse(move.id)
+    with pytest.raises(MoveRefused, match="is completed: it finished; nothing to cancel"):
+        await mover.cancel(move.id)

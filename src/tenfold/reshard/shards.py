@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tenfold.config import ShardSpec
+from tenfold.config import ShardSpec, redact_url
 from tenfold.data import migrations
 from tenfold.data.schema import _plan
-from tenfold.errors import MoveRefused
+from tenfold.errors import ConfigError, MoveRefused
 from tenfold.keyspace import Topology
 from tenfold.reshard.capture import ShardSide
 from tenfold.reshard.store import MoveStore
@@ -28,7 +28,10 @@ async def add_shard(db: ShardedDatabase, name: str, url: str) -> Topology:
         ConfigError: a malformed name or URL.
         MoveRefused: the name is taken by a shard with another URL.
     """
-    spec = ShardSpec(name=name, url=url)
+    try:
+        spec = ShardSpec(name=name, url=url)
+    except ConfigError as exc:  # it names TENFOLD_SHARDS; these came from the caller
+        raise MoveRefused(f"shard {name!r} at {redact_url(url)}: {exc.problem}") from None
     if name in db.shard_names:
         if db.pool(name).url != spec.url:
             raise MoveRefused(

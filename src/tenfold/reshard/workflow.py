@@ -122,6 +122,8 @@ class Mover:
                 f"shard {to} already owns slot(s) {format_ranges(by_source[to])}: "
                 "a move needs another owner; leave those out"
             )
+        for source in by_source:
+            await self._check_schema(source, to)  # refused here, before anything is recorded
         holders = await self.store.holders(wanted)
         if holders:
             raise MoveConflict(
@@ -221,18 +223,27 @@ class Mover:
 
     async def _tables_of(self, move: MoveRecord) -> list[SlotTable]:
         if move.id not in self._tables:
-            source = await slot_tables(self.db.pool(move.source))
-            target = {t.name: t for t in await slot_tables(self.db.pool(move.target))}
-            for table in source:
-                other = target.get(table.name)
-                if other is None or other.columns != table.columns:
-                    raise MoveRefused(
-                        f"table {table.name} differs between {move.source} and {move.target} "
-                        f"(missing or other columns): run `tenfold db migrate` so every shard "
-                        "has the same schema, then resume"
-                    )
-            self._tables[move.id] = source
+            self._tables[move.id] = await self._check_schema(move.source, move.target)
         return self._tables[move.id]
+
+    async def _check_schema(self, source: str, target: str) -> list[SlotTable]:
+        """The source's slot tables, once each is known to exist alike on the target.
+
+        Raises:
+            MoveRefused: a table without a primary key, or one that is missing or
+                has other columns on the target.
+        """
+        tables = await slot_tables(self.db.pool(source))
+        there = {t.name: t for t in await slot_tables(self.db.pool(target))}
+        for table in tables:
+            other = there.get(table.name)
+            if other is None or other.columns != table.columns:
+                raise MoveRefused(
+                    f"table {table.name} differs between {source} and {target} "
+                    "(missing or other columns): every shard needs the same schema; run "
+                    "`tenfold db migrate` (or make the table alike by hand), then move"
+                )
+        return tables
 
     # -- phases -----------------------------------------------------------
 
@@ -484,9 +495,13 @@ class Mover:
         await self.store.release(move)
 
     async def _delete_rows(self, move: MoveRecord, side: ShardSide) -> int:
-        """Delete the move's rows from `side` (which no longer owns them) in bounded batches."""
+        """Delete the move's rows from `side` (which no longer owns them) in bounded batches.
+
+        Every slot table of that shard, as it is now: whatever sits there in
+        these slots is a leftover copy.
+        """
         deleted = 0
-        for table in await self._tables_of(move):
+        for table in await slot_tables(side.pool):
             async for batch, _ in rows.scan(
                 side.pool, table, move.ranges, None, self.options.batch_rows
             ):
@@ -510,8 +525,10 @@ class Mover:
     async def cancel(self, move_id: str) -> MoveRecord:
         """Abandon a move before its switch: the source keeps the slots, the target's copy goes."""
         move = await self.store.get(move_id)
-        if move.finished:
+        if move.state == "cancelled":
             return move
+        if move.finished:
+            raise MoveRefused(f"move {move_id} is {move.state}: it finished; nothing to cancel")
         if move.state not in (*_BEFORE_SWITCH, "cancelling"):
             raise MoveRefused(
                 f"move {move_id} is {move.state}: after the switch use `reverse` to give the "
@@ -524,10 +541,11 @@ class Mover:
             for pool in (src.pool, dst.pool):  # a move cancelled before it ever ran
                 await migrations.apply(pool, migrations.builtin("shard"))
             await src.set_state(move.slots, None, move.id)
-            await src.install(await self._tables_of(move))  # the source's triggers shrink
+            # The source's own tables, unchecked: a schema that differs between
+            # the shards must not keep a move that never copied from ending.
+            await src.install(await slot_tables(src.pool))  # the source's triggers shrink
             await src.clear(move.id)
-            with contextlib.suppress(MoveRefused):
-                await self._delete_rows(move, dst)
+            await self._delete_rows(move, dst)
             move.state = "cancelled"
             await self.store.save(move)
             await self.store.release(move)
@@ -538,7 +556,7 @@ class Mover:
     async def reverse(self, move_id: str) -> MoveRecord:
         """Give a switched move's slots back to the source, with every change made since."""
         move = await self.store.get(move_id)
-        if move.finished:
+        if move.state == "reversed":
             return move
         if move.state not in ("switched", "reversing", "reverse_cleanup"):
             raise MoveRefused(
