@@ -2,7 +2,7 @@
 
 Its one argument, CONFIG, is JSON: `settings` (keyword arguments of `Settings`), `slots`,
 `to`, `until`, `options` (keyword arguments of `MoveOptions`) and `hang_in`: a phase name
-("copying", "catching_up", "verifying", "fencing", "completing") or null. The worker
+("copying", "catching_up", "verifying", "fencing", "carried", "completing") or null. The worker
 opens the database (shards added at runtime come from the catalog), runs
 `Mover(db, MoveOptions(**options)).move(slots, to, until=until)` and, when `hang_in`
 names a phase, stops inside that phase's work and prints `HANG <phase>` on stdout, so
@@ -14,6 +14,8 @@ the test can SIGKILL it at a known point:
     verifying    after the first table was compared
     fencing      with the source's slots fenced and drained, before the outbox carry
                  and the switch (writes to the moving slots are paused)
+    carried      still 'fencing' in the catalog, but the outbox carried and the target's
+                 slots opened ('capture'): the switch's catalog write not yet made
     completing   after the first batch of source rows was deleted
 
 Without `hang_in` it prints `DONE <state>...` and exits 0.
@@ -100,6 +102,15 @@ def _install_hooks(hang_in: str) -> None:
             return await original_carry(*args, **kwargs)
 
         workflow.carry_outbox = carry  # type: ignore[assignment]
+    elif hang_in == "carried":
+        carry_first = workflow.carry_outbox
+
+        async def carried(*args: Any, **kwargs: Any) -> int:
+            n = await carry_first(*args, **kwargs)
+            await _hang("carried")
+            return n
+
+        workflow.carry_outbox = carried  # type: ignore[assignment]
     elif hang_in == "completing":
         rows.delete_keys = after(rows.delete_keys, "completing", 1)  # type: ignore[assignment]
     else:

@@ -319,6 +319,7 @@ class Load:
         *,
         completed: bool = True,
         relayed: bool = False,
+        carried_exact: bool = True,
         db: ShardedDatabase | None = None,
     ) -> None:
         db = db or self.db
@@ -373,10 +374,13 @@ class Load:
             len(set(once) - self.events),
             len(self.events - set(once)),
         )
-        # The only published rows are the old owners' copies of carried events.
-        assert set(published) <= self.events
-        carried = sum(int(m.progress.get("carried_events", 0)) for m in moves)
-        assert len(published) == carried, (len(published), carried)
+        # The only published rows are the old owners' copies of carried events,
+        # each with its live (unpublished) row on the new owner.
+        assert set(published) <= set(once)
+        assert len(published) == len(set(published))
+        if carried_exact:
+            carried = sum(int(m.progress.get("carried_events", 0)) for m in moves)
+            assert len(published) == carried, (len(published), carried)
 
     async def _check_relayed(self, db: ShardedDatabase) -> None:
         """Relays ran and drained: every committed event has a published row, none is
@@ -692,6 +696,7 @@ KILL_PHASES = [
     "fencing",
     pytest.param("catching_up", marks=pytest.mark.slow),
     pytest.param("verifying", marks=pytest.mark.slow),
+    pytest.param("carried", marks=pytest.mark.slow),
     pytest.param("completing", marks=pytest.mark.slow),
 ]
 
@@ -725,7 +730,7 @@ async def test_mover_killed_in_a_phase_resumes_with_nothing_lost(
                     assert line, (tmp_path / "worker.log").read_text()[-3000:]
             assert line.decode().split() == ["HANG", phase]
             [(move_id, state)] = await _state_of(db)
-            assert state == phase
+            assert state == ("fencing" if phase == "carried" else phase)
             proc.send_signal(signal.SIGKILL)
             assert await proc.wait() == -signal.SIGKILL
         await asyncio.sleep(0.5)  # writers run against the dead mover's leftovers
@@ -738,9 +743,11 @@ async def test_mover_killed_in_a_phase_resumes_with_nothing_lost(
         await load.finish()
     assert rec.state == "completed", rec
     assert all(db.topology.shard_of_slot(s) == "s2" for s in load.moving)
-    if phase == "fencing":  # writes to the moving slots were refused, then ran on s2
+    if phase in ("fencing", "carried"):  # writes to the moving slots were refused, then ran on s2
         assert load.stats["retried"] > 0, load.stats
-    await load.check([rec])
+    # A mover killed after the carry but before the switch's catalog write took its
+    # count of carried events with it (the resume carries none): the rows still add up.
+    await load.check([rec], carried_exact=phase != "carried")
 
 
 # -- 4. the source shard dies mid-copy ----------------------------------------------
