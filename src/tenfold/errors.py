@@ -459,5 +459,6 @@ class VerifyFailed(ReshardError):
         super().__init__(
             f"move {move_id}: {len(mismatches)} row(s) differ between source and target: "
             f"{shown}{more}; the workflow stopped before the switch. Inspect the rows, then "
-            f"`tenfold shards resume {move_id}` (copies again) or `cancel {move_id}`"
+            f"`tenfold shards resume {move_id}` (catches up and verifies again) or "
+            f"`cancel {move_id}`"
         )

@@ -529,11 +529,10 @@ async def test_move_under_arena_load_loses_nothing(make_db: Any, new_shard_url: 
     assert load.stats["commits"] > 200, load.stats
     await load.check(moves, relayed=True)
     repeats = await relays.check(load.events)
-    # Rows left unpublished are only carried events the old owner's relay had
-    # already published (core bug: see the strict xfail
-    # test_carried_event_already_published_by_the_old_relay_is_marked_on_the_new_owner).
+    # Nothing is left unpublished: a carried event the old owner's relay had
+    # already published settles on the new owner too (the stream's duplicate).
     stuck = [(shard, eid, relays.streams.calls[eid]) for shard, eid in load.unpublished]
-    assert all(shard == "s2" and n >= 2 for shard, eid, n in stuck), stuck
+    assert stuck == []
     print(
         f"move took {took:.1f}s; pauses {[m.progress['pause_ms'] for m in moves]} ms; "
         f"stats {dict(load.stats)} errors {load.errors} repeated publishes {repeats}, "
@@ -836,15 +835,7 @@ async def test_concurrent_moves_of_disjoint_ranges_both_complete(
 ) -> None:
     """Two `move` calls at once to two targets. apart: s0 -> s2 and s1 -> s3 share no
     shard. sharing-s0: s0 -> s2 and s1 -> s0, so s0 is a source of one and the target
-    of the other (on PostgreSQL a known issue: docs/resharding.md, Known issues)."""
-    if shared and backend == "postgres":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="known core issue: concurrent moves sharing a PostgreSQL shard "
-                "overwrite each other's trigger WHEN (writes of one move are not logged)",
-                strict=False,
-            )
-        )
+    of the other (on PostgreSQL their trigger rewrites take turns under one lock)."""
     db = await _arena_db(make_db)
     await db.add_shard("s2", new_shard_url())
     second_target = "s0" if shared else "s3"
@@ -873,7 +864,7 @@ async def test_concurrent_moves_of_disjoint_ranges_both_complete(
     await load.check(moves)
 
 
-# -- core problems found here (strict xfail: they flip when fixed) -----------------
+# -- core problems found here, each fixed: kept as regression tests --------------
 
 
 @pytest.mark.slow
@@ -882,15 +873,6 @@ async def test_verify_ends_under_a_steady_write_stream(
 ) -> None:
     """Writers with a 1 ms pause (several hundred logged changes a second on PostgreSQL):
     the move must still reach its switch."""
-    if backend == "postgres":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="core: Mover._verify drains the log until it is empty "
-                "(_drain(until=1)) while writes to the moving slots go on, so a steady "
-                "write stream keeps a move in 'verifying' forever",
-            )
-        )
     db = await _arena_db(make_db)
     await db.add_shard("s2", new_shard_url())
     load = Load(db, set(range(256)))
@@ -908,12 +890,6 @@ async def test_verify_ends_under_a_steady_write_stream(
     assert rec.state == "switched"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: the outbox fence reads the event's slot (slot_of of its key), not the "
-    "slot of the row written with it: arena keys message events 'room:{id}', so a "
-    "message to a room that never moved is refused (SlotMoved) forever after a move",
-)
 async def test_outbox_event_of_an_unmoved_room_is_refused_after_a_move(
     make_db: Any, new_shard_url: Any
 ) -> None:
@@ -946,13 +922,6 @@ async def test_outbox_event_of_an_unmoved_room_is_refused_after_a_move(
     await db.transaction_for_id(rid, send)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: on an in-process stream (memory://, settle mode) a carried event that the "
-    "old owner's relay published just before the switch is dropped as a repeat by the "
-    "new owner's relay's publish and never settles, so its row stays unpublished on the "
-    "new owner (and held in the relay's unsettled window) for good",
-)
 async def test_carried_event_already_published_by_the_old_relay_is_marked_on_the_new_owner(
     make_db: Any, new_shard_url: Any
 ) -> None:

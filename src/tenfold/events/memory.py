@@ -98,6 +98,10 @@ class _Topic:
     locks: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
     dlq: dict[int, DeadLetter] = field(default_factory=dict)
+    # Settle mode: dedup ids stored and not yet settled, and duplicates published
+    # meanwhile (an outbox row carried to a new shard by a reshard), settled with them.
+    unsettled: set[str] = field(default_factory=set)
+    dups: dict[str, list[Event]] = field(default_factory=dict)
     dlq_seq: int = 0
 
 
@@ -140,7 +144,21 @@ class MemoryStreams(StreamBackend):
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
 
-    def _report(self, events: list[Event]) -> None:
+    def _duplicate(self, topic: _Topic, event: Event) -> None:
+        """A publish the dedup window dropped: settled when the stored one is (now, if
+        it already was), so its outbox row is marked and does not wait forever."""
+        if event.dedup_id in topic.unsettled:
+            topic.dups.setdefault(event.dedup_id, []).append(event)
+        else:
+            self._report([event], topic)
+
+    def _report(self, events: list[Event], topic: _Topic | None = None) -> None:
+        if topic is not None and (topic.unsettled or topic.dups):
+            extra: list[Event] = []
+            for e in events:
+                topic.unsettled.discard(e.dedup_id)
+                extra += topic.dups.pop(e.dedup_id, ())
+            events = events + extra
         for listener in self._listeners:
             try:
                 listener(events)
@@ -156,7 +174,7 @@ class MemoryStreams(StreamBackend):
         start = max(part.settled, part.first)
         part.settled = upto
         if self._listeners and start < upto:
-            self._report([part.get(i).event for i in range(start, upto)])
+            self._report([part.get(i).event for i in range(start, upto)], topic)
 
     async def start(self) -> None:
         return None
@@ -190,8 +208,12 @@ class MemoryStreams(StreamBackend):
         touched: set[int] = set()
         for event in events:
             if topic.seen.get(event.dedup_id, 0.0) > now:
+                if self._listeners:
+                    self._duplicate(topic, event)
                 continue
             topic.seen[event.dedup_id] = now + window
+            if self._listeners:
+                topic.unsettled.add(event.dedup_id)
             topic.seq += 1
             index = topic.spec.partition_of(event.slot)
             topic.partitions[index].entries.append(_Entry(topic.seq, now, event))
@@ -237,7 +259,7 @@ class MemoryStreams(StreamBackend):
         part.first += 1
         if part.settled < part.first:  # retention took an unfinished event: as JetStream's does
             part.settled = part.first
-            self._report([entry.event])
+            self._report([entry.event], topic)
 
     def _start_index(self, part: _Partition, start: StartPosition) -> int:
         if start.sequence is not None:

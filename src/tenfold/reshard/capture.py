@@ -42,6 +42,7 @@ from tenfold.resilience import Backoff
 __all__ = ["CAPTURE", "FENCED", "ShardSide"]
 
 CAPTURE, FENCED, APPLY = "capture", "fenced", "apply"
+_INSTALL_LOCK = 0x7E4F0E5  # advisory lock of slot-trigger rewrites on one shard
 _MIGRATIONS = migrations.discover(
     migrations.BUILTIN_DIR.parent.parent / "reshard" / "migrations", "shard", "tenfold.reshard"
 )
@@ -54,6 +55,7 @@ class ShardSide:
         self.pool = pool
         self.name = pool.name
         self.sqlite = pool.dialect == "sqlite"
+        self._held = False
 
     async def install(self, tables: Sequence[SlotTable], cover: Sequence[int] = ()) -> None:
         """Create the state and log tables, and the slot triggers (idempotent).
@@ -61,12 +63,13 @@ class ShardSide:
         On PostgreSQL the triggers carry a `WHEN` that lists the slots this
         shard keeps a state for, plus `cover`: rows of every other slot never
         enter PL/pgSQL (the check runs in the executor), so a shard pays for
-        the fence only on the slots that moved. Call it with the slots about to
-        get a state before setting it, and again after states are removed (it
-        drops the triggers when none is left). Changing a trigger takes a brief
+        the fence only on the slots that moved. Changing a trigger takes a brief
         table lock, so this runs when a move starts and ends, never at the
         switch, with a short lock timeout, retried, so it never queues writers.
-        SQLite's triggers test the state table in their `WHEN`: no lock issue.
+        Every rewrite happens under one advisory lock per shard, and states are
+        added under it too (`cover`): concurrent moves sharing a shard cannot
+        write a `WHEN` that misses the other's slots. SQLite's triggers test the
+        state table in their `WHEN`: nothing to keep in step.
         """
         await migrations.apply(self.pool, _MIGRATIONS)
         if self.sqlite:
@@ -75,19 +78,51 @@ class ShardSide:
                     await self._sqlite_trigger(
                         conn, table.name, table.pk, ("INSERT", "UPDATE", "DELETE")
                     )
-                # The outbox is fenced for inserts only: the relay still marks
-                # rows published after their slot moved away.
-                await self._sqlite_trigger(conn, OUTBOX, (), ("INSERT",))
+                # The outbox is not fenced: an event's slot is its key's, which
+                # need not be the slot of the rows its transaction wrote.
+                await conn.execute(f"DROP TRIGGER IF EXISTS tenfold_slot_{OUTBOX}_i")
+            return
+        async with self._locked(), self.pool.acquire() as conn:
+            stated = {int(r[0]) for r in await conn.fetch("SELECT slot FROM tenfold_slot_state")}
+        async with self._locked():
+            ranges = to_ranges(stated | set(cover))
+            for table in tables:
+                await self._pg_triggers(table.name, table.pk, ranges)
+            await self._pg_triggers(OUTBOX, (), [])  # drops a fence older versions put there
+
+    async def cover(
+        self, tables: Sequence[SlotTable], slots: Sequence[int], state: str, move_id: str
+    ) -> None:
+        """Give `slots` the state `state`, the triggers covering them first."""
+        async with self._locked():
+            await self.install(tables, cover=slots)
+            await self.set_state(slots, state, move_id)
+
+    async def uncover(
+        self, tables: Sequence[SlotTable], slots: Sequence[int], move_id: str
+    ) -> None:
+        """Drop `slots`' states (owned, as usual), then shrink the triggers."""
+        async with self._locked():
+            await self.set_state(slots, None, move_id)
+            await self.install(tables)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """PostgreSQL's session advisory lock of this shard's trigger rewrites (re-entrant)."""
+        if self.sqlite or self._held:
+            yield
             return
         async with self.pool.acquire() as conn:
-            stated = {int(r[0]) for r in await conn.fetch("SELECT slot FROM tenfold_slot_state")}
-        ranges = to_ranges(stated | set(cover))
-        for table in tables:
-            await self._pg_triggers(table.name, table.pk, ranges, deletes=True)
-        await self._pg_triggers(OUTBOX, (), ranges, deletes=False)
+            await conn.execute("SELECT pg_advisory_lock($1)", _INSTALL_LOCK)
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+                await conn.execute("SELECT pg_advisory_unlock($1)", _INSTALL_LOCK)
 
     async def _pg_triggers(
-        self, table: str, pk: Sequence[str], ranges: Sequence[tuple[int, int]], *, deletes: bool
+        self, table: str, pk: Sequence[str], ranges: Sequence[tuple[int, int]]
     ) -> None:
         check_identifier(table, self.name)
         args = ", ".join(f"'{check_identifier(c, self.name)}'" for c in pk)
@@ -103,17 +138,15 @@ class ShardSide:
 
         statements = []
         if ranges:
-            ops = "INSERT OR UPDATE" if deletes else "INSERT"
             statements.append(
-                f"CREATE OR REPLACE TRIGGER tenfold_slot_w BEFORE {ops} ON {table} "
+                f"CREATE OR REPLACE TRIGGER tenfold_slot_w BEFORE INSERT OR UPDATE ON {table} "
                 f"FOR EACH ROW WHEN ({when('NEW')}) EXECUTE FUNCTION tenfold_slot_trigger({args})"
             )
-            if deletes:
-                statements.append(
-                    f"CREATE OR REPLACE TRIGGER tenfold_slot_d BEFORE DELETE ON {table} "
-                    f"FOR EACH ROW WHEN ({when('OLD')}) "
-                    f"EXECUTE FUNCTION tenfold_slot_trigger({args})"
-                )
+            statements.append(
+                f"CREATE OR REPLACE TRIGGER tenfold_slot_d BEFORE DELETE ON {table} "
+                f"FOR EACH ROW WHEN ({when('OLD')}) "
+                f"EXECUTE FUNCTION tenfold_slot_trigger({args})"
+            )
         else:
             statements.append(f"DROP TRIGGER IF EXISTS tenfold_slot_w ON {table}")
             statements.append(f"DROP TRIGGER IF EXISTS tenfold_slot_d ON {table}")
@@ -142,9 +175,11 @@ class ShardSide:
         for op in ops:
             row = "OLD" if op == "DELETE" else "NEW"
             log = ""
-            if pk:
-                key = ", ".join(f"{row}.{c}" for c in pk)
-                log = (
+            # An UPDATE logs the old key too: a changed primary key must not
+            # leave the old row behind on the target.
+            for image in (("OLD", "NEW") if op == "UPDATE" else (row,)) if pk else ():
+                key = ", ".join(f"{image}.{c}" for c in pk)
+                log += (
                     "INSERT INTO tenfold_reshard_log (move_id, tbl, slot, pk) "
                     f"SELECT move_id, '{table}', {row}.slot, json_array({key}) "
                     f"FROM tenfold_slot_state WHERE slot = {row}.slot AND state = '{CAPTURE}';"

@@ -24,11 +24,17 @@ _COLS = ("event_id", "topic", "event_key", "slot", "payload", "headers", "create
 
 
 async def carry_outbox(
-    frm: ShardSide, to: ShardSide, slots: Sequence[int], move_id: str, *, open_target: str | None
+    frm: ShardSide,
+    to: ShardSide,
+    slots: Sequence[int],
+    move_id: str,
+    *,
+    open_target: str | None,
+    set_target_state: bool = True,
 ) -> int:
-    """Move unpublished outbox rows of `slots` from `frm` to `to`, and set the
-    slots' state on `to` to `open_target` (None: plain owner) in the same
-    transaction; return how many rows moved."""
+    """Move unpublished outbox rows of `slots` from `frm` to `to`, and (unless
+    `set_target_state` is False) set the slots' state on `to` to `open_target`
+    (None: plain owner) in the same transaction; return how many rows moved."""
     cols = ", ".join(_COLS)
     now = time.time()
     async with frm.pool.acquire() as fconn, fconn.transaction():
@@ -43,7 +49,8 @@ async def carry_outbox(
             )
         carried.sort(key=lambda r: (r["created_at"], r["event_id"]))
         async with to.pool.acquire() as tconn, tconn.transaction():
-            await to.set_state_in(tconn, slots, open_target, move_id)
+            if set_target_state:
+                await to.set_state_in(tconn, slots, open_target, move_id)
             if carried:
                 await tconn.executemany(
                     f"INSERT INTO tenfold_outbox ({cols}) VALUES ($1, $2, $3, $4, $5, $6, $7) "

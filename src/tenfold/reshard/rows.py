@@ -114,12 +114,16 @@ def _range_delete(
 
 
 async def copy_batch(
-    target: ShardSide, move_id: str, table: SlotTable, rows: list[Record], after: Key | None
+    target: ShardSide,
+    move_id: str,
+    table: SlotTable,
+    rows: list[Record],
+    after: Key | None,
+    first_slot: int,
 ) -> None:
-    """Write one scanned batch to the target, replacing its key range (after, last]."""
-    sql, args = _range_delete(
-        target.pool, table, after, key_of(table, rows[-1]), int(rows[0]["slot"])
-    )
+    """Write one scanned batch to the target, replacing its key range (after, last]
+    (from `first_slot` when there is no `after`)."""
+    sql, args = _range_delete(target.pool, table, after, key_of(table, rows[-1]), first_slot)
     async with target.applying(move_id) as conn:
         await conn.execute(sql, *args)
         await conn.copy_in(table.name, table.columns, [tuple(r) for r in rows])
@@ -144,10 +148,16 @@ async def copy_batches(
     `width`: the first window's slot count (about a batch of rows, if known).
     """
     if source.dialect != "postgresql" or target.pool.dialect != "postgresql":
-        async for rows, last in scan(source, table, ranges, after, batch, width):
-            await copy_batch(target, move_id, table, rows, after)
-            after = last
-            yield len(rows), last
+        for lo, hi in ranges:
+            if after is not None and after[0] > hi:
+                continue
+            # A batch's delete range starts at this range (never in the gap
+            # between two ranges, which holds the target's own slots).
+            floor = after if after is not None and after[0] >= lo else None
+            async for rows, last in scan(source, table, [(lo, hi)], floor, batch, width):
+                await copy_batch(target, move_id, table, rows, floor, lo)
+                after = floor = last
+                yield len(rows), last
         return
     order = ", ".join(table.order)
     desc = ", ".join(f"{c} DESC" for c in table.order)

@@ -250,14 +250,20 @@ class MoveStore:
                             orjson.dumps(fresh.to_dict()).decode(),
                             time.time(),
                         )
-                    await conn.execute(
+                    mine = await conn.execute(
                         "UPDATE tenfold_moves SET state = $1, progress = $2, error = NULL, "
-                        "updated_at = $3 WHERE id = $4",
+                        "updated_at = $3 WHERE id = $4 AND owner = $5",
                         state,
                         orjson.dumps(move.progress).decode(),
                         move.updated_at,
                         move.id,
+                        self.me,
                     )
+                    if mine != 1:  # rolls the topology row back with it
+                        raise MoveConflict(
+                            f"move {move.id} was taken over by another mover; this one "
+                            "did not switch it"
+                        )
             except ConstraintViolation:
                 continue  # another move switched first: derive from its topology
             return fresh.epoch

@@ -84,6 +84,7 @@ class Mover:
         self.store = MoveStore(db.catalog)
         self.on_progress = on_progress
         self._tables: dict[str, list[SlotTable]] = {}
+        self._lost: dict[str, bool] = {}
 
     # -- starting ---------------------------------------------------------
 
@@ -124,6 +125,8 @@ class Mover:
             )
         for source in by_source:
             await self._check_schema(source, to)  # refused here, before anything is recorded
+            for name in (source, to):
+                await _check_can_see_transactions(self.db.pool(name))
         holders = await self.store.holders(wanted)
         if holders:
             raise MoveConflict(
@@ -156,9 +159,16 @@ class Mover:
         if move.state in ("reversing", "reverse_cleanup"):
             return await self.reverse(move_id)
         await self.store.take(move, self.options.lease_s)
-        beat = asyncio.create_task(self._heartbeat(move))
+        beat = asyncio.create_task(self._heartbeat(move, asyncio.current_task()))
         try:
             await self._steps(move, until)
+        except asyncio.CancelledError:
+            if self._lost.pop(move.id, False):
+                raise MoveConflict(
+                    f"move {move.id}: this mover lost its lease (another process took the "
+                    "move over); it stopped"
+                ) from None
+            raise
         except BaseException as exc:
             if isinstance(exc, TenfoldError):
                 await self._record_failure(move, exc)
@@ -174,11 +184,19 @@ class Mover:
         with contextlib.suppress(TenfoldError):
             await self.store.save(move, error=f"{type(exc).__name__}: {exc}")
 
-    async def _heartbeat(self, move: MoveRecord) -> None:
+    async def _heartbeat(self, move: MoveRecord, runner: asyncio.Task[Any] | None) -> None:
+        """Renew the lease; if another process took the move over, stop this run."""
         while True:
             await asyncio.sleep(self.options.lease_s / 3)
-            with contextlib.suppress(TenfoldError):
-                await self.store.heartbeat(move)
+            try:
+                held = await self.store.heartbeat(move)
+            except TenfoldError:
+                continue  # the catalog blinked: the next renewal may succeed
+            if not held and runner is not None:
+                log.error("move %s: lease lost to another mover; stopping", move.id)
+                self._lost[move.id] = True
+                runner.cancel()
+                return
 
     async def _steps(self, move: MoveRecord, until: str) -> None:
         fresh_verify = False
@@ -253,10 +271,8 @@ class Mover:
         for pool in (src.pool, dst.pool):
             await migrations.apply(pool, migrations.builtin("shard"))
         tables = await self._tables_of(move)
-        await src.install(tables, cover=move.slots)
-        await dst.install(tables, cover=move.slots)
-        await dst.set_state(move.slots, FENCED, move.id)
-        await src.set_state(move.slots, CAPTURE, move.id)
+        await dst.cover(tables, move.slots, FENCED, move.id)
+        await src.cover(tables, move.slots, CAPTURE, move.id)
         # A writer that read the state before 'capture' committed may still
         # commit a change the log missed: wait it out before the copy reads.
         await src.wait_in_flight(self.options.fence_wait_s)
@@ -369,7 +385,9 @@ class Mover:
         for _ in range(3):
             if not suspects:
                 break
-            await self._drain(move, src, dst, until=1)
+            # Down to lag_rows, not to empty: under a steady write stream the
+            # log never empties while writes are allowed (the fence drains it).
+            await self._drain(move, src, dst, until=self.options.lag_rows)
             suspects = await self._recheck(move, suspects)
         if suspects:
             logged = await _logged_keys(src, move.id)
@@ -423,17 +441,25 @@ class Mover:
             bad = await self._recheck(move, keys) if keys else []
             if bad:
                 raise VerifyFailed(move.id, [(s, t, repr(k)) for s, t, k in bad])
+            carried = await carry_outbox(src, dst, move.slots, move.id, open_target=CAPTURE)
         except BaseException:
-            # Never leave writes paused: the source owns the slots again.
-            with contextlib.suppress(TenfoldError):
+            # Never leave writes paused: the source owns the slots again (and the
+            # target is closed again, if the carry got that far). If the source
+            # cannot be reached to say so, the move stays in `fencing`: resume
+            # (or cancel) unfences it.
+            try:
+                await dst.set_state(move.slots, FENCED, move.id)
                 await src.set_state(move.slots, CAPTURE, move.id)
-            with contextlib.suppress(TenfoldError):
-                await self._enter(move, "catching_up")  # resume: catch up, verify, fence again
+            except TenfoldError:
+                log.error("move %s: could not unfence slots after a failed switch", move.id)
+            else:
+                with contextlib.suppress(TenfoldError):
+                    await self._enter(move, "catching_up")  # resume: catch up, verify, fence
             raise
-        carried = await carry_outbox(src, dst, move.slots, move.id, open_target=CAPTURE)
         move.progress.pop("recheck", None)
         move.progress["carried_events"] = int(move.progress.get("carried_events", 0)) + carried
         move.progress["switched_at"] = time.time()
+        await self.store.save(move)  # the carried count survives a mover dying here
         try:
             epoch = await self.store.switch(move, move.target, "switched")
         except BaseException:
@@ -485,8 +511,7 @@ class Mover:
     async def _complete(self, move: MoveRecord) -> None:
         src, dst = self._sides(move)
         deleted = await self._delete_rows(move, src)
-        await dst.set_state(move.slots, None, move.id)
-        await dst.install(await self._tables_of(move))  # the target's triggers shrink
+        await dst.uncover(await self._tables_of(move), move.slots, move.id)
         await dst.clear(move.id)
         await src.clear(move.id)
         move.progress["deleted_rows"] = int(move.progress.get("deleted_rows", 0)) + deleted
@@ -540,12 +565,15 @@ class Mover:
             src, dst = self._sides(move)
             for pool in (src.pool, dst.pool):  # a move cancelled before it ever ran
                 await migrations.apply(pool, migrations.builtin("shard"))
-            await src.set_state(move.slots, None, move.id)
             # The source's own tables, unchecked: a schema that differs between
             # the shards must not keep a move that never copied from ending.
-            await src.install(await slot_tables(src.pool))  # the source's triggers shrink
+            await src.uncover(await slot_tables(src.pool), move.slots, move.id)
             await src.clear(move.id)
+            # The target does not own these slots: fenced (it may have been opened
+            # by a switch that did not land), its copy and its log gone.
+            await dst.set_state(move.slots, FENCED, move.id)
             await self._delete_rows(move, dst)
+            await dst.clear(move.id)
             move.state = "cancelled"
             await self.store.save(move)
             await self.store.release(move)
@@ -571,13 +599,20 @@ class Mover:
                 await self._drain(move, dst, src, until=self.options.lag_rows)
                 t0 = time.monotonic()
                 await dst.set_state(move.slots, FENCED, move.id)
-                await dst.wait_in_flight(self.options.fence_wait_s)
-                await self._drain(move, dst, src, until=1)
-                await carry_outbox(dst, src, move.slots, move.id, open_target=None)
-                await src.install(await self._tables_of(move))
+                try:
+                    await dst.wait_in_flight(self.options.fence_wait_s)
+                    await self._drain(move, dst, src, until=1)
+                    # The source stays fenced until the topology names it again.
+                    await carry_outbox(
+                        dst, src, move.slots, move.id, open_target=None, set_target_state=False
+                    )
+                    await self.store.switch(move, move.source, "reverse_cleanup")
+                except BaseException:
+                    if not await self._reverse_landed(move, src, dst):
+                        raise
                 move.progress["reverse_pause_ms"] = round((time.monotonic() - t0) * 1000, 2)
-                await self.store.switch(move, move.source, "reverse_cleanup")
                 await self.db.refresh_topology()
+            await src.uncover(await self._tables_of(move), move.slots, move.id)
             await self._delete_rows(move, dst)
             await dst.clear(move.id)
             move.state = "reversed"
@@ -586,6 +621,23 @@ class Mover:
         finally:
             await self.store.let_go(move)
         return move
+
+    async def _reverse_landed(self, move: MoveRecord, src: ShardSide, dst: ShardSide) -> bool:
+        """After a failed reverse: did the topology go back to the source? If it surely
+        did not, the target takes writes again; if the catalog cannot say, stay fenced."""
+        try:
+            topology = await self.db.catalog.load_topology()
+        except TenfoldError:
+            log.error("move %s: catalog unreachable in reverse; slots stay fenced", move.id)
+            return False
+        assert topology is not None
+        if all(topology.shard_of_slot(s) == move.source for s in move.slots):
+            move.state = "reverse_cleanup"
+            return True
+        with contextlib.suppress(TenfoldError):
+            await dst.set_state(move.slots, CAPTURE, move.id)
+            await self._enter(move, "switched")
+        return False
 
     async def moves(self) -> list[MoveRecord]:
         return await self.store.all()
@@ -606,6 +658,24 @@ async def _count(pool: Pool, table: SlotTable, ranges: Sequence[tuple[int, int]]
                 or 0
             )
     return total
+
+
+async def _check_can_see_transactions(pool: Pool) -> None:
+    """The fence waits for transactions it sees in pg_stat_activity; PostgreSQL
+    hides other roles' sessions from a role without pg_read_all_stats."""
+    if pool.dialect != "postgresql":
+        return
+    async with pool.acquire() as conn:
+        ok = await conn.fetchval(
+            "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') "
+            "FROM pg_roles WHERE rolname = current_user"
+        )
+    if not ok:
+        raise MoveRefused(
+            f"the role connecting to shard {pool.name} cannot see other sessions' "
+            "transactions, which the switch must wait for: GRANT pg_read_all_stats TO "
+            "that role (or move as a superuser)"
+        )
 
 
 async def _logged_keys(side: ShardSide, move_id: str) -> set[tuple[str, tuple[Any, ...]]]:

@@ -29,6 +29,7 @@ DECLARE
     mv text;
     doc jsonb;
     k jsonb := '[]'::jsonb;
+    k_old jsonb;
     col text;
 BEGIN
     IF TG_OP = 'DELETE' THEN s := OLD.slot; ELSE s := NEW.slot; END IF;
@@ -52,6 +53,18 @@ BEGIN
             k := k || jsonb_build_array(doc -> col);
         END LOOP;
         INSERT INTO tenfold_reshard_log (move_id, tbl, slot, pk) VALUES (mv, TG_TABLE_NAME, s, k::text);
+        IF TG_OP = 'UPDATE' THEN
+            -- A changed primary key must not leave the old row on the target.
+            doc := to_jsonb(OLD);
+            k_old := '[]'::jsonb;
+            FOREACH col IN ARRAY TG_ARGV LOOP
+                k_old := k_old || jsonb_build_array(doc -> col);
+            END LOOP;
+            IF k_old <> k THEN
+                INSERT INTO tenfold_reshard_log (move_id, tbl, slot, pk)
+                    VALUES (mv, TG_TABLE_NAME, s, k_old::text);
+            END IF;
+        END IF;
     END IF;
     IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
     RETURN NEW;
