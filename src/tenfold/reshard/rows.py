@@ -300,8 +300,9 @@ async def compare(
             sides: list[dict[tuple[Any, ...], int]] = [{}, {}]
             for side, pool in enumerate((source, target)):
                 async for rows, _ in scan(pool, table, part, None, batch):
+                    order = table.order  # a property: once per batch, not per row
                     for row in rows:
-                        key = tuple(key_of(table, row))
+                        key = tuple(row[c] for c in order)
                         value = digest(row)
                         sides[side][key] = value
                         diff.add(side, int(key[0]), value)

@@ -48,7 +48,10 @@ class MoveOptions:
     """Bounds of a move.
 
     Args:
-        batch_rows: rows per copy batch and per catch-up round trip.
+        batch_rows: rows per copy batch on SQLite (a batch holds its write lock),
+            per catch-up round trip, verify read and delete batch.
+        copy_batch_rows: rows per copy batch between PostgreSQL shards (bytes,
+            never decoded: a bigger batch amortises its three round trips).
         duty: the share of wall time the copy may work: after a batch that
             took t seconds it sleeps t * (1 - duty) / duty (1.0: no pause).
         max_rows_s: a hard cap on copy rows per second (None: no cap).
@@ -62,6 +65,7 @@ class MoveOptions:
     """
 
     batch_rows: int = 2000
+    copy_batch_rows: int = 10_000
     duty: float = 0.5
     max_rows_s: float | None = None
     lag_rows: int = 200
@@ -301,9 +305,10 @@ class Mover:
             saved = time.monotonic()
             # A first window of about one batch of rows, from the table's count.
             per_slot = max(1, int(mark.get("rows", 0))) / len(move.slots)
-            width = max(1, min(4096, int(opts.batch_rows / per_slot)))
+            size = opts.copy_batch_rows if src.pool.dialect == "postgresql" else opts.batch_rows
+            width = max(1, min(4096, int(size / per_slot)))
             batches = rows.copy_batches(
-                src.pool, dst, move.id, table, move.ranges, after, opts.batch_rows, width
+                src.pool, dst, move.id, table, move.ranges, after, size, width
             )
             async for n, last in batches:
                 t0 = time.monotonic()
