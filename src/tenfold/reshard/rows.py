@@ -8,7 +8,7 @@ mover died between the write and its checkpoint, leaves the same rows.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,23 +77,52 @@ async def scan(
     one fills: the slot index bounds each query to its window, so the sort by
     (slot, key) never covers the whole move (O(rows) in all, not O(rows^2)).
     """
-    for lo, hi in ranges:
-        if after is not None and after[0] > hi:
-            continue
-        start = lo if after is None or after[0] < lo else int(after[0])
-        while start <= hi:
-            end = min(hi, start + width - 1)
-            key = after if after is not None and int(after[0]) >= start else None
-            rows = await _fetch_window(pool, table, start, end, key, batch)
-            if rows:
-                after = key_of(table, rows[-1])
-                yield rows, after
-            if len(rows) == batch:
-                width = max(1, width // 2)
-                continue  # the same window, after the last key
-            start = end + 1
-            if len(rows) < batch // 2:
-                width = min(width * 2, 4096)
+    windows = _Windows(ranges, after, width)
+    for start, end, key in windows:
+        rows = await _fetch_window(pool, table, start, end, key, batch)
+        last = key_of(table, rows[-1]) if rows else None
+        windows.took(last, full=len(rows) == batch, small=len(rows) < batch // 2)
+        if last is not None:
+            yield rows, last
+
+
+class _Windows:
+    """Windows of slots over `ranges`, after a keyset position.
+
+    A window grows while windows come back small and shrinks when one fills
+    (the next one reads the same window after the last key): the slot index
+    bounds each query to its window, so the sort by (slot, key) never covers
+    the whole move (O(rows) in all, not O(rows^2)). Tell it each window's
+    outcome with `took` before asking for the next.
+    """
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], after: Key | None, width: int) -> None:
+        self.ranges = ranges
+        self.after = after
+        self.width = width
+        self._full = False
+
+    def __iter__(self) -> Iterator[tuple[int, int, Key | None]]:
+        for lo, hi in self.ranges:
+            if self.after is not None and self.after[0] > hi:
+                continue
+            start = lo if self.after is None or self.after[0] < lo else int(self.after[0])
+            while start <= hi:
+                end = min(hi, start + self.width - 1)
+                after = self.after
+                self._full = False
+                yield start, end, after if after is not None and int(after[0]) >= start else None
+                if not self._full:
+                    start = end + 1
+
+    def took(self, last: Key | None, *, full: bool, small: bool) -> None:
+        if last is not None:
+            self.after = last
+        self._full = full
+        if full:
+            self.width = max(1, self.width // 2)
+        elif small:
+            self.width = min(self.width * 2, 4096)
 
 
 def _range_delete(
@@ -162,51 +191,41 @@ async def copy_batches(
     order = ", ".join(table.order)
     desc = ", ".join(f"{c} DESC" for c in table.order)
     cols = ", ".join(table.columns)
-    for lo, hi in ranges:
-        if after is not None and after[0] > hi:
-            continue
-        start = lo if after is None or after[0] < lo else int(after[0])
-        while start <= hi:
-            end = min(hi, start + width - 1)
-            key = after if after is not None and int(after[0]) >= start else None
-            where = "slot BETWEEN $1 AND $2"
-            args: list[Any] = [start, end]
-            if key is not None:
-                where += f" AND ({order}) > ({', '.join(_marks(source, table, 3))})"
-                args += key
-            async with source.acquire() as conn:
+    windows = _Windows(ranges, after, width)
+    for start, end, key in windows:
+        where = "slot BETWEEN $1 AND $2"
+        args: list[Any] = [start, end]
+        if key is not None:
+            where += f" AND ({order}) > ({', '.join(_marks(source, table, 3))})"
+            args += key
+        async with source.acquire() as conn:
+            edge = await conn.fetchrow(
+                f"SELECT {order} FROM {table.name} WHERE {where} "
+                f"ORDER BY {order} LIMIT 1 OFFSET {int(batch) - 1}",
+                *args,
+            )
+            full = edge is not None
+            if edge is None:
                 edge = await conn.fetchrow(
-                    f"SELECT {order} FROM {table.name} WHERE {where} "
-                    f"ORDER BY {order} LIMIT 1 OFFSET {int(batch) - 1}",
+                    f"SELECT {order} FROM {table.name} WHERE {where} ORDER BY {desc} LIMIT 1",
                     *args,
                 )
-                full = edge is not None
-                if edge is None:
-                    edge = await conn.fetchrow(
-                        f"SELECT {order} FROM {table.name} WHERE {where} ORDER BY {desc} LIMIT 1",
-                        *args,
-                    )
-                data = None
-                if edge is not None:
-                    last = list(edge)
-                    upper = ", ".join(_marks(source, table, len(args) + 1))
-                    data = await conn.copy_out(
-                        f"SELECT {cols} FROM {table.name} WHERE {where} AND ({order}) <= ({upper})",
-                        *args,
-                        *last,
-                    )
-            if edge is not None and data is not None:
-                sql, dargs = _range_delete(target.pool, table, key, last, start)
-                async with target.applying(move_id) as tconn:
-                    await tconn.execute(sql, *dargs)
-                    n = await tconn.copy_in_raw(table.name, table.columns, data)
-                after = last
-                yield n, last
-            if full:
-                width = max(1, width // 2)
-                continue
-            start = end + 1
-            width = min(width * 2, 4096)
+            upto = None if edge is None else list(edge)
+            data = None
+            if upto is not None:
+                upper = ", ".join(_marks(source, table, len(args) + 1))
+                data = await conn.copy_out(
+                    f"SELECT {cols} FROM {table.name} WHERE {where} AND ({order}) <= ({upper})",
+                    *args,
+                    *upto,
+                )
+        windows.took(upto, full=full, small=not full)
+        if upto is not None and data is not None:
+            sql, dargs = _range_delete(target.pool, table, key, upto, start)
+            async with target.applying(move_id) as tconn:
+                await tconn.execute(sql, *dargs)
+                n = await tconn.copy_in_raw(table.name, table.columns, data)
+            yield n, upto
 
 
 def _key_filter(

@@ -91,6 +91,15 @@ def _record(r: Any) -> MoveRecord:
     )
 
 
+def held_elsewhere(holders: dict[str, list[int]]) -> MoveConflict:
+    """The refusal of slots that unfinished moves hold, naming each move."""
+    return MoveConflict(
+        "slots already being moved: "
+        + "; ".join(f"{format_ranges(s)} by {m}" for m, s in holders.items())
+        + ": finish, cancel or reverse that move first (`tenfold shards moves`)"
+    )
+
+
 def _owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -139,12 +148,7 @@ class MoveStore:
                     now,
                 )
         except ConstraintViolation:
-            held = await self.holders(slots)
-            raise MoveConflict(
-                "slots already being moved: "
-                + "; ".join(f"{format_ranges(s)} by {m}" for m, s in held.items())
-                + ": finish, cancel or reverse that move first (`tenfold shards moves`)"
-            ) from None
+            raise held_elsewhere(await self.holders(slots)) from None
         return move
 
     async def holders(self, slots: Sequence[int]) -> dict[str, list[int]]:

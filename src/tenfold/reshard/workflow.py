@@ -28,7 +28,7 @@ from tenfold.reshard import rows
 from tenfold.reshard.capture import CAPTURE, FENCED, ShardSide
 from tenfold.reshard.outbox import carry_outbox
 from tenfold.reshard.slots import format_ranges, parse_slots
-from tenfold.reshard.store import MoveRecord, MoveStore
+from tenfold.reshard.store import MoveRecord, MoveStore, held_elsewhere
 from tenfold.reshard.tables import SlotTable, slot_tables
 
 if TYPE_CHECKING:
@@ -133,11 +133,7 @@ class Mover:
                 await _check_can_see_transactions(self.db.pool(name))
         holders = await self.store.holders(wanted)
         if holders:
-            raise MoveConflict(
-                "slots already being moved: "
-                + "; ".join(f"{format_ranges(s)} by {m}" for m, s in holders.items())
-                + ": finish, cancel or reverse that move first (`tenfold shards moves`)"
-            )
+            raise held_elsewhere(holders)
         return [await self.store.create(src, to, s) for src, s in sorted(by_source.items())]
 
     async def move(
