@@ -68,3 +68,19 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def seed_arena_users(db: Any, n: int, *, password_hash: str = "x") -> dict[str, int]:
+    """`n` arena users `user0..` with wallets of 100 + i points; name -> balance."""
+    balances = {}
+    for i in range(n):
+        name = f"user{i}"
+        uid = db.new_id(name)
+        async with db.shard_for(name) as conn, conn.transaction():
+            await conn.insert(
+                "arena_users",
+                {"id": uid, "username": name, "password_hash": password_hash, "created_at": 1.0},
+            )
+            await conn.insert("arena_wallets", {"user_id": uid, "balance": 100 + i})
+        balances[name] = 100 + i
+    return balances

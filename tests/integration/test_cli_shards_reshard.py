@@ -18,6 +18,7 @@ from tenfold.config import Settings
 from tenfold.data import ShardedDatabase
 from tenfold.keyspace import slot_of
 from tests import services
+from tests.integration.support import seed_arena_users
 
 ARENA = Path(__file__).resolve().parents[2] / "apps" / "arena" / "migrations"
 CLI = [sys.executable, "-m", "tenfold.cli.main"]
@@ -70,18 +71,9 @@ class Cli:
 
 
 async def _seed(settings: Settings, n: int) -> dict[str, int]:
-    """`n` arena users with wallets; the user count per owning shard's slot."""
+    """`n` arena users with wallets: name -> balance."""
     async with ShardedDatabase(settings) as db:
-        for i in range(n):
-            name = f"user{i}"
-            uid = db.new_id(name)
-            async with db.shard_for(name) as conn, conn.transaction():
-                await conn.insert(
-                    "arena_users",
-                    {"id": uid, "username": name, "password_hash": "x" * 20, "created_at": 1.0},
-                )
-                await conn.insert("arena_wallets", {"user_id": uid, "balance": 100 + i})
-    return {f"user{i}": 100 + i for i in range(n)}
+        return await seed_arena_users(db, n, password_hash="x" * 20)
 
 
 async def _wallets(settings: Settings) -> tuple[dict[str, int], dict[str, int]]:

@@ -13,23 +13,13 @@ from tenfold.errors import SlotMoved
 from tenfold.ids import slot_of_id
 from tenfold.keyspace import slot_of
 from tenfold.reshard import MoveOptions, Mover
+from tests.integration.support import seed_arena_users
 
 ARENA = Path(__file__).resolve().parents[2] / "apps" / "arena" / "migrations"
 
 
 async def _seed(db: ShardedDatabase, n: int) -> dict[str, int]:
-    balances = {}
-    for i in range(n):
-        name = f"user{i}"
-        uid = db.new_id(name)
-        async with db.shard_for(name) as conn, conn.transaction():
-            await conn.insert(
-                "arena_users",
-                {"id": uid, "username": name, "password_hash": "x", "created_at": 1.0},
-            )
-            await conn.insert("arena_wallets", {"user_id": uid, "balance": 100 + i})
-        balances[name] = 100 + i
-    return balances
+    return await seed_arena_users(db, n)
 
 
 async def _dump(db: ShardedDatabase) -> dict[str, list[Any]]:

@@ -12,23 +12,15 @@ from tenfold.data import ShardedDatabase
 from tenfold.keyspace import slot_of
 from tenfold.reshard import MoveOptions, Mover
 from tenfold.reshard.stats import copy_speed, slot_stats
+from tests.integration.support import seed_arena_users
 
 ARENA = Path(__file__).resolve().parents[2] / "apps" / "arena" / "migrations"
 
 
 async def _seed(db: ShardedDatabase, n: int) -> Counter[int]:
-    per_slot: Counter[int] = Counter()
-    for i in range(n):
-        name = f"user{i}"
-        uid = db.new_id(name)
-        async with db.shard_for(name) as conn, conn.transaction():
-            await conn.insert(
-                "arena_users",
-                {"id": uid, "username": name, "password_hash": "x" * 30, "created_at": 1.0},
-            )
-            await conn.insert("arena_wallets", {"user_id": uid, "balance": 100})
-        per_slot[slot_of(name)] += 2
-    return per_slot
+    """`n` users with wallets: two rows per user in the user's slot."""
+    names = await seed_arena_users(db, n, password_hash="x" * 30)
+    return Counter({slot: 2 * c for slot, c in Counter(slot_of(n) for n in names).items()})
 
 
 async def _outbox(db: ShardedDatabase, slot: int, n: int, created_at: float) -> None:
