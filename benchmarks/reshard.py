@@ -296,7 +296,7 @@ async def part_copy(admin: str, quick: bool) -> dict[str, Any]:
     return {
         "rows": n,
         "rounds": rounds,
-        "mover_options": "MoveOptions(duty=1.0), batch_rows 2000",
+        "mover_options": "MoveOptions(duty=1.0): copy_batch_rows 10000 (PostgreSQL byte copy)",
         "sides": sides,
         "medians_rows_s": medians,
         "peer": peer,
