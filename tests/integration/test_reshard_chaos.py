@@ -767,17 +767,54 @@ async def _set_connections(admin: str, database: str, allowed: bool) -> None:
         await conn.close()
 
 
-@pytest.mark.postgres
-@pytest.mark.parametrize("backend", ["postgres"])
+class _SqliteOutage:
+    """A SQLite shard "dies": its pool closes and its file becomes a directory, so
+    every new connection fails ("unable to open database file"), root or not."""
+
+    def __init__(self, db: Any, shard: str) -> None:
+        self.db = db
+        self.shard = shard
+        self.path = Path(str(db.pool(shard).url).split("sqlite:///", 1)[1])
+        self.moved: list[tuple[Path, Path]] = []
+
+    async def kill(self) -> None:
+        await self.db.pool(self.shard).close()
+        for path in (
+            self.path,
+            *(self.path.with_name(self.path.name + x) for x in ("-wal", "-shm")),
+        ):
+            if path.exists():
+                away = path.with_name(path.name + ".away")
+                path.rename(away)
+                self.moved.append((away, path))
+        self.path.mkdir()
+
+    async def restore(self) -> None:
+        self.path.rmdir()
+        for away, path in self.moved:
+            away.rename(path)
+
+
 async def test_source_dying_mid_copy_stops_the_move_with_its_error_then_resumes(
-    backend: str, make_db: Any, new_shard_url: Any, pg_admin_url: str
+    backend: str, make_db: Any, new_shard_url: Any, request: pytest.FixtureRequest
 ) -> None:
     db = await _arena_db(make_db)
     await db.add_shard("s2", new_shard_url())
     slots = "0-255"
     load = Load(db, set(parse_slots(slots)))
     await load.seed()
-    source_db = str(db.pool("s0").url).rsplit("/", 1)[1]
+    if backend == "postgres":
+        admin = request.getfixturevalue("pg_admin_url")
+        source_db = str(db.pool("s0").url).rsplit("/", 1)[1]
+
+        async def kill() -> None:
+            await _set_connections(admin, source_db, False)
+
+        async def restore() -> None:
+            await _set_connections(admin, source_db, True)
+    else:
+        outage = _SqliteOutage(db, "s0")
+        kill, restore = outage.kill, outage.restore
     copied = asyncio.Event()
 
     def progress(move: MoveRecord, phase: str, done: int, total: int | None) -> None:
@@ -792,7 +829,7 @@ async def test_source_dying_mid_copy_stops_the_move_with_its_error_then_resumes(
         run = asyncio.create_task(mover.run(move.id, until="completed"))
         async with asyncio.timeout(30):
             await copied.wait()
-        await _set_connections(pg_admin_url, source_db, False)
+        await kill()
         try:
             with pytest.raises(DataError) as raised:
                 async with asyncio.timeout(30):
@@ -808,7 +845,7 @@ async def test_source_dying_mid_copy_stops_the_move_with_its_error_then_resumes(
             print(f"stored error: {stored.error}")
             await asyncio.sleep(0.5)  # writers keep failing on s0, the others go on
         finally:
-            await _set_connections(pg_admin_url, source_db, True)
+            await restore()
         rec = await _resume(mover, move.id)
         await asyncio.sleep(0.3)
     finally:
