@@ -54,6 +54,7 @@ from tenfold.events.memory import MemoryStreams
 from tenfold.events.outbox import ROW as OUTBOX_ROW
 from tenfold.events.outbox import event_of_row, outbox_row
 from tenfold.events.relay import OutboxRelay
+from tenfold.gateway.auth.refresh import RefreshTokens
 from tenfold.ids import slot_of_id
 from tenfold.keyspace import slot_of
 from tenfold.reshard import MoveOptions, Mover, MoveRecord, parse_slots
@@ -87,15 +88,22 @@ class Insufficient(Exception):
 class Load:
     """Arena's writes against `db`, with every committed key and balance tracked."""
 
-    def __init__(self, db: ShardedDatabase, moving: set[int], seed: int = 7) -> None:
+    def __init__(
+        self, db: ShardedDatabase, moving: set[int], seed: int = 7, *, logins: bool = False
+    ) -> None:
         self.db = db
+        # Logins issue refresh tokens (a slot table of tenfold's own) through the
+        # gateway's RefreshTokens, which retries a write refused mid-move itself.
+        self.logins = logins
+        self.tokens = RefreshTokens(db)
+        self.tables = {**TABLES, "tenfold_refresh_tokens": "token_id"} if logins else TABLES
         self.moving = moving
         self.rng = random.Random(seed)
         self.users: dict[str, int] = {}
         self.senders: list[str] = []
         self.balance: dict[int, int] = {}
         self.rooms: list[int] = []
-        self.keys: dict[str, set[int]] = {t: set() for t in TABLES}
+        self.keys: dict[str, set[int]] = {t: set() for t in self.tables}
         self.events: set[str] = set()
         self.stats: Counter[str] = Counter()
         self.errors: list[str] = []
@@ -176,6 +184,12 @@ class Load:
         self.events.add(str(event["event_id"]))
         if balance:
             self.senders.append(name)
+
+    async def login(self) -> None:
+        uid = self.users[self.rng.choice(sorted(self.users))]
+        issued = await self.tokens.issue(uid)
+        self.keys["tenfold_refresh_tokens"].add(int(issued.token.split(".", 1)[0]))
+        self.stats["logins"] += 1
 
     async def new_room(self) -> None:
         rid = self.db.new_id(self._key("room"))
@@ -305,6 +319,8 @@ class Load:
             self._loop(self.transfer, pause_s),
             self._register_loop(pause_s),
         ]
+        if self.logins:
+            loops.append(self._loop(self.login, pause_s))
         self._tasks = [asyncio.create_task(c) for c in loops]
 
     async def finish(self) -> None:
@@ -325,17 +341,17 @@ class Load:
         db = db or self.db
         await db.refresh_topology()
         topo = db.topology
-        owned: dict[str, list[int]] = {t: [] for t in TABLES}
+        owned: dict[str, list[int]] = {t: [] for t in self.tables}
         stray: list[tuple[str, str, int]] = []
         for name in topo.shards:
             async with db.shard(name) as conn:
-                for table, key in TABLES.items():
+                for table, key in self.tables.items():
                     for slot, k in await conn.fetch(f"SELECT slot, {key} FROM {table}"):
                         if topo.shard_of_slot(int(slot)) == name:
                             owned[table].append(int(k))
                         else:
                             stray.append((name, table, int(k)))
-        for table in TABLES:
+        for table in self.tables:
             got = Counter(owned[table])
             dup = [k for k, n in got.items() if n > 1]
             lost = self.keys[table] - set(got)
@@ -513,7 +529,7 @@ async def test_move_under_arena_load_loses_nothing(make_db: Any, new_shard_url: 
     db = await _arena_db(make_db)
     await db.add_shard("s2", new_shard_url())
     slots = "1920-2175"  # 256 slots, half of each old shard's
-    load = Load(db, set(parse_slots(slots)))
+    load = Load(db, set(parse_slots(slots)), logins=True)
     await load.seed(users=150, rooms=20, messages=400)
     relays = Relays(db)  # s0, s1 and s2, publishing while the move runs
     await relays.start()
@@ -527,6 +543,7 @@ async def test_move_under_arena_load_loses_nothing(make_db: Any, new_shard_url: 
     assert all(m.state == "completed" for m in moves), moves
     assert all(db.topology.shard_of_slot(s) == "s2" for s in load.moving)
     assert load.stats["commits"] > 200, load.stats
+    assert load.stats["logins"] > 20, load.stats
     await load.check(moves, relayed=True)
     repeats = await relays.check(load.events)
     # Nothing is left unpublished: a carried event the old owner's relay had

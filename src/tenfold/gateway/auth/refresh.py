@@ -193,7 +193,8 @@ class RefreshTokens:
         kind = _user_kind(user_id)
         now = self._clock()
         token_id = self.db.new_id(user_id)
-        async with self.db.shard_for(user_id) as conn, conn.transaction():
+
+        async def write(conn: Connection) -> IssuedToken:
             if family is not None:
                 row = await conn.fetchrow(
                     _FAMILY_STATE, slot_of(user_id), family, str(user_id), kind
@@ -203,6 +204,9 @@ class RefreshTokens:
             return await self._insert(
                 conn, user_id, token_id, token_id if family is None else family, now
             )
+
+        # Refused mid-reshard (SlotMoved): runs again on the user's new shard.
+        return await self.db.transaction_for(user_id, write)
 
     async def rotate(self, token: str) -> Rotated:
         """Use `token` once: mark it used and return its user and the next token.
@@ -215,28 +219,28 @@ class RefreshTokens:
         token_id, secret = parse_token(token)
         digest = self._digest(secret)
         now = self._clock()
-        reused: Record | None = None
-        result: Rotated | None = None
-        async with self.db.shard_for_id(token_id) as conn, conn.transaction():
+
+        async def use(conn: Connection) -> tuple[Record | None, Rotated | None]:
             row = await conn.fetchrow(_SELECT, token_id)
             if row is None or not hmac.compare_digest(str(row["secret_hash"]), digest):
                 raise TokenInvalid("refresh token not recognised; sign in again")
             if row["used_at"] is not None or row["revoked_at"] is not None:
                 await conn.execute(_REVOKE_FAMILY, now, row["slot"], row["family_id"])
-                reused = row
-            elif row["expires_at"] <= now:
+                return row, None
+            if row["expires_at"] <= now:
                 raise TokenExpired("refresh token expired; sign in again")
-            else:
-                user_id = _user_of(row)
-                next_id = self.db.new_id(user_id)
-                if await conn.execute(_MARK_USED, now, next_id, token_id) != 1:
-                    # A concurrent rotation of the same token won the row: this
-                    # is a second use, handled like any other reuse.
-                    await conn.execute(_REVOKE_FAMILY, now, row["slot"], row["family_id"])
-                    reused = row
-                else:
-                    issued = await self._insert(conn, user_id, next_id, row["family_id"], now)
-                    result = Rotated(user_id, issued.token)
+            user_id = _user_of(row)
+            next_id = self.db.new_id(user_id)
+            if await conn.execute(_MARK_USED, now, next_id, token_id) != 1:
+                # A concurrent rotation of the same token won the row: this
+                # is a second use, handled like any other reuse.
+                await conn.execute(_REVOKE_FAMILY, now, row["slot"], row["family_id"])
+                return row, None
+            issued = await self._insert(conn, user_id, next_id, row["family_id"], now)
+            return None, Rotated(user_id, issued.token)
+
+        # Refused mid-reshard (SlotMoved): runs again on the token's new shard.
+        reused, result = await self.db.transaction_for_id(token_id, use)
         # Raised after the commit: the family's revocation must stick.
         if reused is not None:
             log.warning(
