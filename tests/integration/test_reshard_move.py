@@ -359,3 +359,26 @@ async def test_schema_drift_and_finished_moves_are_refused_with_nothing_changed(
         await mover.reverse(move.id)
     with pytest.raises(MoveRefused, match="is completed: it finished; nothing to cancel"):
         await mover.cancel(move.id)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_added_shard_without_the_apps_migrations_is_refused_and_not_registered(
+    make_db: Any,
+) -> None:
+    from tenfold.errors import MoveRefused
+
+    db = await make_db(shards=2, migrations_dir=str(ARENA))
+    url = db.pool("s0").url.replace("shard0", "shard8")
+    # An operator's CLI that does not know the app: no migrations folder.
+    bare = ShardedDatabase(db.settings.model_copy(update={"migrations_dir": None}))
+    await bare.open(ids=False)
+    try:
+        epoch = await bare.catalog.current_epoch()
+        with pytest.raises(MoveRefused, match="shard s8 lacks migration.*app/0001_arena"):
+            await bare.add_shard("s8", url)
+        assert await bare.catalog.current_epoch() == epoch
+        assert "s8" not in bare.shard_names and await bare.catalog.added_shards() == {}
+        topology = await bare.add_shard("s8", url, ARENA)
+        assert "s8" in topology.shards
+    finally:
+        await bare.close()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -279,13 +280,18 @@ def add(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="The new shard's name, e.g. s4."),
     url: str = typer.Argument(..., help="Its database URL (created and migrated if missing)."),
+    folder: Path | None = typer.Option(
+        None,
+        "--dir",
+        help="The app's migrations folder (with shard/); default TENFOLD_MIGRATIONS_DIR.",
+    ),
     json: bool = JsonOption,
 ) -> None:
     """Register an empty shard: create and migrate it, list it in a new topology epoch."""
 
     async def go() -> dict[str, Any]:
         async with _database(ctx) as db:
-            topology = await db.add_shard(name, url)
+            topology = await db.add_shard(name, url, folder)
             return {
                 "shard": name,
                 "url": db.pool(name).safe_url,

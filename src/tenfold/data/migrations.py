@@ -138,6 +138,11 @@ async def apply(pool: Pool, migrations: list[Migration]) -> list[str]:
     return done
 
 
+async def applied_names(pool: Pool) -> list[str]:
+    """The names of the migrations applied on `pool`'s database."""
+    return sorted(await _applied(pool))
+
+
 async def _ensure_table(pool: Pool) -> None:
     async with pool.acquire() as conn:
         if pool.dialect == "postgresql":

@@ -468,11 +468,16 @@ class ShardedDatabase:
 
         return await Mover(self, MoveOptions(**options)).move(slots, to, until=until)
 
-    async def add_shard(self, name: str, url: str) -> Topology:
+    async def add_shard(self, name: str, url: str, folder: Any = None) -> Topology:
         """Register a new, empty, migrated shard (`tenfold.reshard.shards.add_shard`)."""
         from tenfold.reshard.shards import add_shard
 
-        return await add_shard(self, name, url)
+        return await add_shard(self, name, url, folder)
+
+    async def _forget_shard(self, name: str) -> None:
+        shard = self._shards.pop(name, None)
+        if shard is not None:
+            await shard.close()
 
     async def _pick_replica(self, shard: _Shard) -> tuple[Any, Connection]:
         for index in shard.replica_order():
