@@ -374,7 +374,7 @@ async def test_added_shard_without_the_apps_migrations_is_refused_and_not_regist
     await bare.open(ids=False)
     try:
         epoch = await bare.catalog.current_epoch()
-        with pytest.raises(MoveRefused, match="shard s8 lacks migration.*app/0001_arena"):
+        with pytest.raises(MoveRefused, match=r"shard s8 lacks migration.*app/0001_arena"):
             await bare.add_shard("s8", url)
         assert await bare.catalog.current_epoch() == epoch
         assert "s8" not in bare.shard_names and await bare.catalog.added_shards() == {}
