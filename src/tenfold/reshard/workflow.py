@@ -524,17 +524,22 @@ class Mover:
         """Delete the move's rows from `side` (which no longer owns them) in bounded batches.
 
         Every slot table of that shard, as it is now: whatever sits there in
-        these slots is a leftover copy.
+        these slots is a leftover copy. Paced by `duty` like the copy: the
+        shard still serves its own slots meanwhile.
         """
         deleted = 0
+        duty = self.options.duty
         for table in await slot_tables(side.pool):
             async for batch, _ in rows.scan(
                 side.pool, table, move.ranges, None, self.options.batch_rows
             ):
+                t0 = time.monotonic()
                 keys = [list(_pk(table, r)) for r in batch]
                 await rows.delete_keys(side, move.id, table, keys)
                 deleted += len(batch)
                 self._report(move, "delete", deleted, None)
+                if 0 < duty < 1:
+                    await asyncio.sleep((time.monotonic() - t0) * (1 - duty) / duty)
         return deleted
 
     # -- operator commands ------------------------------------------------
