@@ -464,8 +464,16 @@ class Mover:
         try:
             epoch = await self.store.switch(move, move.target, "switched")
         except BaseException:
-            if not await self._switch_landed(move, src, dst):
+            landed = await self._catalog_gives(move, move.target)
+            if not landed:
+                if landed is False:  # surely not switched: the source takes writes again
+                    with contextlib.suppress(TenfoldError):
+                        await dst.set_state(move.slots, FENCED, move.id)
+                        await src.set_state(move.slots, CAPTURE, move.id)
+                        await self._enter(move, "catching_up")
                 raise
+            move.state = "switched"
+            await self.db.refresh_topology()
             epoch = self.db.topology.epoch
         move.progress["epoch"] = epoch
         move.progress["pause_ms"] = round((time.monotonic() - t0) * 1000, 2)
@@ -479,26 +487,6 @@ class Mover:
             epoch,
             move.progress["pause_ms"],
         )
-
-    async def _switch_landed(self, move: MoveRecord, src: ShardSide, dst: ShardSide) -> bool:
-        """After a failed catalog write: did the new topology land? If it surely did
-        not, give the source its writes back; if the catalog cannot say, stay fenced
-        (unfencing could let both shards take writes) and let `resume` decide."""
-        try:
-            topology = await self.db.catalog.load_topology()
-        except TenfoldError:
-            log.error("move %s: catalog unreachable at the switch; slots stay fenced", move.id)
-            return False
-        assert topology is not None
-        if all(topology.shard_of_slot(s) == move.target for s in move.slots):
-            move.state = "switched"
-            await self.db.refresh_topology()
-            return True
-        with contextlib.suppress(TenfoldError):
-            await dst.set_state(move.slots, FENCED, move.id)
-            await src.set_state(move.slots, CAPTURE, move.id)
-            await self._enter(move, "catching_up")
-        return False
 
     async def _wait_before_complete(self, move: MoveRecord) -> None:
         wait = self.options.complete_after_s
@@ -614,8 +602,14 @@ class Mover:
                     )
                     await self.store.switch(move, move.source, "reverse_cleanup")
                 except BaseException:
-                    if not await self._reverse_landed(move, src, dst):
+                    landed = await self._catalog_gives(move, move.source)
+                    if not landed:
+                        if landed is False:  # surely not reversed: the target takes writes
+                            with contextlib.suppress(TenfoldError):
+                                await dst.set_state(move.slots, CAPTURE, move.id)
+                                await self._enter(move, "switched")
                         raise
+                    move.state = "reverse_cleanup"
                 move.progress["reverse_pause_ms"] = round((time.monotonic() - t0) * 1000, 2)
                 await self.db.refresh_topology()
             await src.uncover(await self._tables_of(move), move.slots, move.id)
@@ -628,22 +622,18 @@ class Mover:
             await self.store.let_go(move)
         return move
 
-    async def _reverse_landed(self, move: MoveRecord, src: ShardSide, dst: ShardSide) -> bool:
-        """After a failed reverse: did the topology go back to the source? If it surely
-        did not, the target takes writes again; if the catalog cannot say, stay fenced."""
+    async def _catalog_gives(self, move: MoveRecord, owner: str) -> bool | None:
+        """After a failed catalog write: does the stored topology give the move's slots
+        to `owner` (the write landed but its answer was lost)? None when the catalog
+        cannot say: the slots then stay fenced, since unfencing could let both shards
+        take writes, and `resume` decides."""
         try:
             topology = await self.db.catalog.load_topology()
         except TenfoldError:
-            log.error("move %s: catalog unreachable in reverse; slots stay fenced", move.id)
-            return False
+            log.error("move %s: catalog unreachable after a failed switch; fenced", move.id)
+            return None
         assert topology is not None
-        if all(topology.shard_of_slot(s) == move.source for s in move.slots):
-            move.state = "reverse_cleanup"
-            return True
-        with contextlib.suppress(TenfoldError):
-            await dst.set_state(move.slots, CAPTURE, move.id)
-            await self._enter(move, "switched")
-        return False
+        return all(topology.shard_of_slot(s) == owner for s in move.slots)
 
     async def moves(self) -> list[MoveRecord]:
         return await self.store.all()
